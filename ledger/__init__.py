@@ -1,0 +1,1 @@
+"""The tfgrid ledger: a Tendermint BFT chain holding accounts, twins, farms, nodes and contracts."""
