@@ -63,7 +63,6 @@ def unpack(data: bytes, *, max_size: int = 16 * 1024 * 1024) -> Any:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=max_size,
             max_bin_len=max_size,
             max_str_len=max_size,
             max_array_len=1_000_000,
