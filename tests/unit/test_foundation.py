@@ -136,7 +136,8 @@ def test_block_wire_round_trip_and_shape() -> None:
     block = Block(header, txs, None)
     block.check_shape()
     again = Block.from_wire(codec.unpack(block.encode()))
-    assert again == block and again.hash() == block.hash()
+    assert again == block
+    assert again.hash() == block.hash()
     with pytest.raises(VerificationError):
         Block(header, txs[:2], None).check_shape()
 
@@ -144,7 +145,8 @@ def test_block_wire_round_trip_and_shape() -> None:
 def test_genesis_round_trip() -> None:
     g = Genesis(CHAIN, 5, VSET, ((KEYS[0].public_key, 100),), (("a", 1), ("b", 2)))
     assert Genesis.from_wire(codec.unpack(codec.pack(g.to_wire()))) == g
-    assert g.param("b", 0) == 2 and g.param("zz", 9) == 9
+    assert g.param("b", 0) == 2
+    assert g.param("zz", 9) == 9
 
 
 def test_tx_sign_decode_verify() -> None:
