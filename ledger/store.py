@@ -24,6 +24,7 @@ Every ``sqlite3`` error is mapped to :class:`~ledger.errors.StorageError`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -319,7 +320,14 @@ class Store:
             if deletes:
                 conn.executemany("DELETE FROM state WHERE key = ?", deletes)
 
-        self._write(write)
+        try:
+            self._write(write)
+        except StorageError:
+            # If the failure was on COMMIT itself (an I/O error), trust the file, not our guess.
+            with self._lock, contextlib.suppress(sqlite3.Error):
+                if not self._closed:
+                    self._height = self._load_height()
+            raise
         with self._lock:
             self._height = header.height
 

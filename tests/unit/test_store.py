@@ -306,6 +306,17 @@ def test_scribbled_pages_give_storage_error(tmp_path: Path) -> None:
         Store(path)
 
 
+def test_empty_file_is_a_fresh_store(tmp_path: Path) -> None:
+    # SQLite treats a zero-length file as an empty database; so do we (the node then syncs).
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"")
+    with Store(path) as s:
+        assert s.height() == 0
+        s.init_genesis(make_genesis())
+        save_chain(s, 2)
+        assert check_consistent(s) == 2
+
+
 def test_foreign_sqlite_database_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.sqlite"
     conn = sqlite3.connect(path)
