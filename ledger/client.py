@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -64,6 +65,7 @@ _RECEIVE_CHUNK = 64 * 1024
 # After a fail-over the subscription fetches at most this many skipped blocks so that the
 # caller still sees every height; a longer gap jumps to the new head.
 MAX_BACKFILL = 64
+MAX_CONNS_PER_PEER = 4
 _NOT_FOUND_CODES = frozenset({"not_found"})
 
 
@@ -231,8 +233,11 @@ class LedgerClient:
         self._bad_peer_s = bad_peer_s
         self._connect: Connector = connect if connect is not None else _open_tcp
         self._light = LightState(genesis)
-        self._conns: dict[Peer, _Conn] = {}
-        self._open_locks: dict[Peer, trio.Lock] = {p: trio.Lock() for p in self._peers}
+        # Idle request connections per peer; each attempt leases one for itself, so that
+        # concurrent callers do not queue behind each other on one connection.
+        self._idle: dict[Peer, list[_Conn]] = {p: [] for p in self._peers}
+        self._leased: set[_Conn] = set()
+        self._limits = {p: trio.CapacityLimiter(MAX_CONNS_PER_PEER) for p in self._peers}
         self._subscriptions: set[_Conn] = set()
         self._bad_until: dict[Peer, float] = {}
         self._preferred: Peer | None = None
@@ -252,8 +257,10 @@ class LedgerClient:
     async def aclose(self) -> None:
         """Close every connection. The client cannot be used afterwards."""
         self._closed = True
-        conns = list(self._conns.values()) + list(self._subscriptions)
-        self._conns.clear()
+        conns = [c for idle in self._idle.values() for c in idle]
+        conns += list(self._leased) + list(self._subscriptions)
+        for idle in self._idle.values():
+            idle.clear()
         self._subscriptions.clear()
         for conn in conns:
             await conn.aclose()
@@ -354,13 +361,20 @@ class LedgerClient:
         Raises :class:`LedgerTimeout` if it is not committed within ``timeout_s``.
         """
         key = keyspace.tx_result(tx_hash)
+        last_error: TfgridError | None = None
         with trio.move_on_after(timeout_s):
             while True:
-                value, _height = await self.query(key)
-                if value is not None:
-                    return _decode_outcome(tx_hash, value)
+                try:
+                    value, _height = await self.query(key)
+                except (LedgerUnavailable, LedgerTimeout) as exc:
+                    # Peers restarting or briefly unreachable: keep trying until the deadline.
+                    last_error = exc
+                else:
+                    if value is not None:
+                        return _decode_outcome(tx_hash, value)
                 await trio.sleep(self._poll_s)
-        raise LedgerTimeout(f"transaction {tx_hash.hex()} not committed within {timeout_s}s")
+        why = "" if last_error is None else f" (last error: {last_error})"
+        raise LedgerTimeout(f"transaction {tx_hash.hex()} not committed within {timeout_s}s{why}")
 
     async def submit_and_wait(self, tx: Tx, *, timeout_s: float = 30.0) -> TxOutcome:
         """Submit ``tx`` and wait for its outcome.
@@ -397,10 +411,8 @@ class LedgerClient:
         sub = _Subscription(self)
         try:
             while True:
-                block = await sub.next_block()
+                block = await sub.next_block(last)
                 height = block.header.height
-                if last is not None and height <= last:
-                    continue  # a lagging peer after a fail-over; already delivered
                 if last is not None and height > last + 1:
                     for missing in range(max(last + 1, height - MAX_BACKFILL), height):
                         yield (await self.block(missing)).header
@@ -431,25 +443,28 @@ class LedgerClient:
         if self._preferred == peer:
             self._preferred = None
 
-    async def _conn(self, peer: Peer) -> _Conn:
-        async with self._open_locks[peer]:
-            conn = self._conns.get(peer)
-            if conn is not None and not conn.broken:
-                return conn
-            if conn is not None:
-                del self._conns[peer]
-                await conn.aclose()
-            stream = await self._connect(*peer)
-            conn = _Conn(peer, stream)
-            if self._closed:
-                await conn.aclose()
-                raise LocalProtocolError("the ledger client is closed")
-            self._conns[peer] = conn
-            return conn
+    @asynccontextmanager
+    async def _lease(self, peer: Peer) -> AsyncIterator[_Conn]:
+        """A connection to ``peer`` for one attempt, back to the idle pool if still healthy."""
+        async with self._limits[peer]:
+            idle = self._idle[peer]
+            conn = idle.pop() if idle else None
+            if conn is None:
+                conn = _Conn(peer, await self._connect(*peer))
+            self._leased.add(conn)
+            try:
+                yield conn
+            finally:
+                self._leased.discard(conn)
+                if conn.broken or self._closed:
+                    await conn.aclose()
+                else:
+                    idle.append(conn)
 
     async def _drop(self, peer: Peer) -> None:
-        conn = self._conns.pop(peer, None)
-        if conn is not None:
+        """Close the idle connections of a peer that just failed."""
+        idle, self._idle[peer] = self._idle[peer], []
+        for conn in idle:
             await conn.aclose()
 
     async def _fetch_block(self, conn: _Conn, height: int) -> tuple[Block, Commit]:
@@ -470,8 +485,8 @@ class LedgerClient:
             name = _peer_name(peer)
             try:
                 with trio.fail_after(self._timeout_s):
-                    conn = await self._conn(peer)
-                    result = await attempt(conn)
+                    async with self._lease(peer) as conn:
+                        result = await attempt(conn)
             except ConflictingHeaders:
                 raise
             except _Refused as exc:
@@ -560,9 +575,13 @@ class _Subscription:
             raise RemoteProtocolError("subscription not acknowledged")
         return conn
 
-    async def next_block(self) -> Block:
-        """The next pushed block, verified. Raises :class:`LedgerUnavailable` after every
-        peer failed once in a row, :class:`ConflictingHeaders` on a fork."""
+    async def next_block(self, after: int | None) -> Block:
+        """The next pushed block above height ``after``, verified.
+
+        A peer that pushes nothing new for the stall timeout (old headers, as a lagging peer
+        after a fail-over sends, are verified but do not count) is left for the next one.
+        Raises :class:`LedgerUnavailable` after every peer failed once in a row,
+        :class:`ConflictingHeaders` on a fork."""
         c = self._client
         reasons: list[str] = []
         tried: set[Peer] = set()
@@ -581,12 +600,14 @@ class _Subscription:
                     conn = await self._subscribe(peer)
                 peer = conn.peer
                 with trio.fail_after(c._stall_s):
-                    msg = await conn.next_push()
-                if msg.get("push") != "header":
-                    raise RemoteProtocolError(f"unexpected push {msg.get('push')!r}")
-                block, commit = _parse_block(msg)
-                c._light.verify_block(block, commit)
-                return block
+                    while True:
+                        msg = await conn.next_push()
+                        if msg.get("push") != "header":
+                            raise RemoteProtocolError(f"unexpected push {msg.get('push')!r}")
+                        block, commit = _parse_block(msg)
+                        c._light.verify_block(block, commit)
+                        if after is None or block.header.height > after:
+                            return block
             except ConflictingHeaders:
                 raise
             except (trio.TooSlowError, VerificationError, RemoteProtocolError, _Refused,

@@ -452,3 +452,90 @@ def test_needs_peers() -> None:
     with pytest.raises(ConfigError):
         LedgerClient(GENESIS, [])
 
+
+
+async def test_old_headers_do_not_keep_a_subscription_alive(net: Net, chain: ChainMaker,
+                                                            autojump_clock: Any) -> None:
+    first, second = net.add(), net.add()
+    seen: list[int] = []
+
+    async def producer() -> None:
+        await trio.sleep(1)
+        chain.append()  # 4
+        await net.peer(first).publish(4)
+        for _ in range(5):  # first is stuck: it repeats block 4 instead of moving on
+            await trio.sleep(10)
+            await net.peer(first).publish(4)
+        chain.append()  # 5
+        await trio.sleep(1)  # t = 52: second is subscribed since 31
+        await net.peer(second).publish(5)
+
+    async with net.client(first, second, stall_timeout_s=30.0) as client, \
+            trio.open_nursery() as n:
+        n.start_soon(producer)
+        async with aclosing(client.headers()) as it:
+            async for header in it:
+                seen.append(header.height)
+                if header.height == 5:
+                    break
+        assert trio.current_time() == 52
+    assert seen == [4, 5]
+
+
+async def test_a_forked_push_raises_conflicting_headers(net: Net, autojump_clock: Any) -> None:
+    good, forker = net.add(), net.add("fork")
+
+    async def collect(client: LedgerClient) -> None:
+        async with aclosing(client.headers()) as it:
+            async for _header in it:
+                pass
+
+    async def publish_fork() -> None:
+        await trio.sleep(1)
+        await net.peer(forker).publish(3)
+
+    async with net.client(good, forker) as client:
+        await client.latest()  # honest block 3 from good
+        net.peer(good).behaviour = "garbage"  # the subscription moves to the forker
+        async with trio.open_nursery() as n:
+            n.start_soon(publish_fork)
+            with pytest.raises(ConflictingHeaders):
+                await collect(client)
+
+
+async def test_wait_tx_rides_out_a_peer_outage(net: Net, chain: ChainMaker,
+                                               autojump_clock: Any) -> None:
+    addr = net.add()
+    tx = a_tx()
+    async with net.client(addr, poll_interval_s=0.5) as client:
+        await client.submit(tx)
+        net.peer(addr).behaviour = "garbage"
+
+        async def recover() -> None:
+            await trio.sleep(3.25)
+            chain.append({keyspace.tx_result(tx.hash()):
+                          pack({"height": 4, "code": "ok", "message": ""})})
+            net.peer(addr).behaviour = "honest"
+
+        async with trio.open_nursery() as n:
+            n.start_soon(recover)
+            outcome = await client.wait_tx(tx.hash(), timeout_s=10)
+            assert trio.current_time() == 3.5
+    assert outcome.code == "ok"
+
+
+async def test_concurrent_requests_do_not_queue_on_one_connection(net: Net,
+                                                                  autojump_clock: Any) -> None:
+    addr = net.add()
+    async with net.client(addr) as client:
+        await client.latest()
+        results: list[tuple[bytes | None, int]] = []
+
+        async def one() -> None:
+            results.append(await client.query(b"twinname/alice"))
+
+        async with trio.open_nursery() as n:
+            for _ in range(6):
+                n.start_soon(one)
+    assert results == [(b"\x01", 3)] * 6
+    assert 1 < net.peer(addr).connects <= 4
