@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Make ./.venv a virtualenv with tfgrid installed in editable mode (plus the test tools with
+# EXTRAS=test). Idempotent and quick when nothing changed: pyproject.toml's hash is stamped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-}
+VENV=.venv
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "bootstrap: tfgrid needs Python 3.11 or newer ($PYTHON is $("$PYTHON" --version 2>&1 || echo missing))" >&2
+    exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+
+spec="."
+[ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
+stamp="$VENV/.tfgrid-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $spec"
+if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+    echo "bootstrap: pip install -e '$spec'" >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+    echo "$want" >> "$stamp"
+fi
