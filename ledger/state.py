@@ -146,6 +146,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import msgpack
+
 from ledger import keys, keyspace
 from ledger.codec import HASH_SIZE, hash_bytes, hash_value, pack, signing_bytes, unpack
 from ledger.errors import ConfigError, InvalidTx, MalformedFrame
@@ -558,25 +560,61 @@ def _v_contract_result(tx: Tx, env: _Env) -> dict[str, Any]:
 # Execution: an overlay of pending writes over the committed tree.
 
 
+_ABSENT: Any = object()
+
+
+def _copy(value: Any) -> Any:
+    """Deep copy of a decoded entry (maps, lists and immutable leaves)."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _decode_stored(key: bytes, raw: bytes) -> dict[str, Any]:
+    # Entries were written by this module through codec.pack; msgpack decodes them directly
+    # (the untrusted-input float and depth checks of codec.unpack are for peer bytes).
+    value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    if not isinstance(value, dict):
+        raise MalformedFrame(f"state entry {key!r} is not a map")
+    return value
+
+
 class _Overlay:
-    """Pending writes over a read function; a child overlay is a savepoint for one tx."""
+    """Pending writes (decoded maps, None = delete) over the committed tree.
 
-    __slots__ = ("_read", "writes")
+    A child overlay is the savepoint of one tx: merged into its parent on success, dropped on
+    failure. Writes are encoded once per key, when the block ends. Values handed out are
+    copies, so a handler that mutates what it read and then fails leaves nothing behind.
+    """
 
-    def __init__(self, read: Callable[[bytes], bytes | None]) -> None:
+    __slots__ = ("_read", "_parent", "writes")
+
+    def __init__(self, read: Callable[[bytes], bytes | None],
+                 parent: _Overlay | None = None) -> None:
         self._read = read
-        self.writes: dict[bytes, bytes | None] = {}
+        self._parent = parent
+        self.writes: dict[bytes, dict[str, Any] | None] = {}
 
-    def get(self, key: bytes) -> bytes | None:
-        if key in self.writes:
-            return self.writes[key]
-        return self._read(key)
+    def get_map(self, key: bytes) -> dict[str, Any] | None:
+        ov: _Overlay | None = self
+        while ov is not None:
+            found = ov.writes.get(key, _ABSENT)
+            if found is not _ABSENT:
+                return None if found is None else dict(_copy(found))
+            ov = ov._parent
+        raw = self._read(key)
+        return None if raw is None else _decode_stored(key, raw)
 
     def child(self) -> _Overlay:
-        return _Overlay(self.get)
+        return _Overlay(self._read, self)
 
     def merge(self, child: _Overlay) -> None:
         self.writes.update(child.writes)
+
+    def encoded(self) -> dict[bytes, bytes | None]:
+        return {k: None if v is None else pack(v) for k, v in self.writes.items()}
 
 
 class _Exec:
@@ -598,18 +636,13 @@ class _Exec:
     def child(self) -> _Exec:
         return _Exec(self.ov.child(), self.env, self.height, self.time_ms, self.check_only)
 
-    # raw maps
+    # maps
     def get_map(self, key: bytes) -> dict[str, Any] | None:
-        raw = self.ov.get(key)
-        if raw is None:
-            return None
-        value = unpack(raw)
-        if not isinstance(value, dict):
-            raise MalformedFrame(f"state entry {key!r} is not a map")
-        return value
+        return self.ov.get_map(key)
 
     def put_map(self, key: bytes, value: Mapping[str, Any]) -> None:
-        self.ov.writes[key] = pack(dict(value))
+        """Store ``value``; the caller hands it over (re-put it after any further change)."""
+        self.ov.writes[key] = dict(value)
 
     # typed accessors
     def counters(self) -> dict[str, Any]:
@@ -1152,7 +1185,8 @@ class LedgerState:
             raise InvalidTx("unknown_type", f"unknown transaction type {tx.type!r}")
         if tx.fee < self.params.min_fee:
             raise InvalidTx("fee_too_low", f"fee {tx.fee} is below the minimum {self.params.min_fee}")
-        handler[0](tx, self._env)
+        validate, execute = handler
+        body = validate(tx, self._env)
         committed = self.next_nonce(tx.sender)
         want = committed if expected_nonce is None else expected_nonce
         if tx.nonce != want:
@@ -1166,7 +1200,7 @@ class LedgerState:
             now = max(int(c["last_billing_ms"]), int(c["last_minting_ms"]))
             ex = _Exec(_Overlay(self.tree.get), self._env, 0, now, check_only=True)
             ex.credit(tx.sender, -tx.fee)
-            _run_body(ex, tx)
+            execute(ex, tx, body)
 
     # -- execution ------------------------------------------------------------------------
 
@@ -1181,7 +1215,7 @@ class LedgerState:
         _periodic(ex)
         outcomes = [self._apply_tx(ex, raw) for raw in txs]
         changes: dict[bytes, bytes | None] = {}
-        for key, value in ov.writes.items():
+        for key, value in ov.encoded().items():
             if self.tree.get(key) != value:
                 changes[key] = value
         tree = self.tree.update(changes) if changes else self.tree
@@ -1219,6 +1253,6 @@ class LedgerState:
     @staticmethod
     def _record(ex: _Exec, tx_hash: bytes, code: str, message: str) -> TxOutcome:
         key = keyspace.tx_result(tx_hash)
-        if not (code == "bad_nonce" and ex.ov.get(key) is not None):
+        if not (code == "bad_nonce" and ex.get_map(key) is not None):
             ex.put_map(key, {"height": ex.height, "code": code, "message": message})
         return TxOutcome(tx_hash, code, message)
