@@ -52,7 +52,7 @@ from ledger.errors import (
 )
 from ledger.light import LightState
 from ledger.smt import Proof
-from ledger.state import TxOutcome
+from ledger.state import LedgerState, TxOutcome
 from ledger.tx import Tx
 from ledger.types import Block, Commit, Genesis, Header
 from ledger.wire import NEED_DATA, FrameDecoder, encode_frame
@@ -161,6 +161,10 @@ class _Conn:
                             raise RemoteProtocolError("unsolicited push on a request connection")
                         self._pushes.append(msg)
                         continue
+                    if "id" not in msg and isinstance(msg.get("error"), dict):
+                        # The peer closes the connection for a protocol error and says why.
+                        raise RemoteProtocolError(
+                            f"peer closed the connection: {msg['error'].get('code')!r}")
                     if msg.get("id") != rid:
                         raise RemoteProtocolError(
                             f"response id {msg.get('id')!r}, expected {rid}")
@@ -209,7 +213,8 @@ class LedgerClient:
     ``timeout_s`` bounds each attempt at one peer; ``stall_timeout_s`` is how long a header
     subscription waits for the next block before it fails over; ``poll_interval_s`` paces
     :meth:`wait_tx`. ``connect`` opens a stream to (host, port) (TCP unless a test injects
-    in-memory streams). Raises :class:`ConfigError` if ``peers`` is empty.
+    in-memory streams). Raises :class:`ConfigError` if ``peers`` is empty or the genesis is
+    invalid.
     """
 
     def __init__(
@@ -232,7 +237,9 @@ class LedgerClient:
         self._poll_s = poll_interval_s
         self._bad_peer_s = bad_peer_s
         self._connect: Connector = connect if connect is not None else _open_tcp
-        self._light = LightState(genesis)
+        # The state before block 1 follows from the pinned genesis alone: computed here, it
+        # lets a client prove entries of a chain that has not committed a block yet.
+        self._light = LightState(genesis, genesis_root=LedgerState.from_genesis(genesis).root)
         # Idle request connections per peer; each attempt leases one for itself, so that
         # concurrent callers do not queue behind each other on one connection.
         self._idle: dict[Peer, list[_Conn]] = {p: [] for p in self._peers}
@@ -343,8 +350,9 @@ class LedgerClient:
             value = res.get("value")
             _need(value is None or isinstance(value, bytes), "query value")
             proof = Proof.from_wire(res.get("proof"))
-            if height == 0:
-                raise VerificationError("peer has no committed block to prove state against")
+            if height == 0:  # no block yet: the pinned genesis fixes the state
+                self._light.verify_genesis_state(key, value, proof)
+                return value, height
             self._light.check_fresh(height)
             header = self._light.header(height)
             if header is None:

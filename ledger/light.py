@@ -18,7 +18,8 @@ Rules, in the order they are checked:
 - A header presented as the latest that is lower than the highest height already verified is
   stale (:class:`VerificationError`); the caller should ask another peer.
 - A state entry (value or absence) is trusted only with a proof against the state root of a
-  header that was verified here.
+  header that was verified here, or, before the first block, against the genesis state root
+  the caller computed from the pinned genesis.
 
 Validator-set changes are not followed: there is no transaction that changes the set, so a
 header naming a different set fails verification loudly rather than being trusted.
@@ -39,12 +40,16 @@ class LightState:
     Not thread-safe and not async: one owner (a :class:`ledger.client.LedgerClient`) calls it.
     """
 
-    def __init__(self, genesis: Genesis, *, max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+    def __init__(self, genesis: Genesis, *, genesis_root: bytes | None = None,
+                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+        """``genesis_root`` is the state root before block 1, computed by the caller from the
+        pinned genesis (not taken from a peer); without it, state at height 0 is unprovable."""
         if max_headers < 1:
             raise LocalProtocolError("max_headers must be at least 1")
         self._chain_id = genesis.chain_id
         self._validators = genesis.validators
         self._validators_hash = genesis.validators.hash()
+        self._genesis_root = genesis_root
         self._max = max_headers
         self._headers: dict[int, Header] = {}
         self._hashes: dict[int, bytes] = {}
@@ -142,6 +147,17 @@ class LightState:
         if self._hashes.get(header.height) != header.hash():
             raise VerificationError(f"header at height {header.height} has not been verified")
         verify_proof(header.state_root, key, value, proof)
+
+    def verify_genesis_state(self, key: bytes, value: bytes | None, proof: Proof) -> None:
+        """Check ``key`` -> ``value`` in the state before block 1 (a chain with no block yet).
+
+        Raises :class:`VerificationError`, also when no genesis root was given or a block
+        has already been verified (state at height 0 is then stale).
+        """
+        if self._genesis_root is None:
+            raise VerificationError("no genesis state root to prove height-0 state against")
+        self.check_fresh(0)
+        verify_proof(self._genesis_root, key, value, proof)
 
     def _check_conflicts(self, header: Header) -> None:
         h = header.height

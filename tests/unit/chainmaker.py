@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ledger.codec import EMPTY_HASH, hash_bytes
 from ledger.keys import KeyPair
 from ledger.smt import SMT
+from ledger.state import LedgerState
 from ledger.types import (
     PRECOMMIT,
     Block,
@@ -53,8 +54,12 @@ class ChainMaker:
     def height(self) -> int:
         return len(self.blocks)
 
+    def genesis_tree(self) -> SMT:
+        """The state before block 1, as every validator derives it from the genesis."""
+        return LedgerState.from_genesis(self.genesis).tree
+
     def tree(self, height: int) -> SMT:
-        return self.trees[height - 1]
+        return self.trees[height - 1] if height else self.genesis_tree()
 
     def block(self, height: int) -> Block:
         return self.blocks[height - 1]
@@ -69,7 +74,7 @@ class ChainMaker:
         h = self.height + 1
         prev = self.blocks[-1] if self.blocks else None
         last_commit = self.commits[-1] if self.commits else None
-        base = self.trees[-1] if self.trees else SMT.empty()
+        base = self.tree(self.height)
         tree = base.update(changes or {})
         vset = validators or self.genesis.validators
         header = Header(
@@ -92,7 +97,7 @@ class ChainMaker:
         """Build, certify and append the next block."""
         block = self.make(changes, txs)
         commit = sign_commit(block.header, KEYS if signers is None else signers)
-        base = self.trees[-1] if self.trees else SMT.empty()
+        base = self.tree(self.height)
         self.blocks.append(block)
         self.commits.append(commit)
         self.trees.append(base.update(changes or {}))

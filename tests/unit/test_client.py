@@ -108,7 +108,7 @@ class FakePeer:
         if method == "block":
             h = params["height"] or self.height
             if h > self.height or h < 1:
-                raise _Refusal("not_found", f"no block at height {h}")
+                raise _Refusal("not_found", f"no committed block at height {h}")
             return self.block_wire(h)
         if method == "query":
             h = self.height
@@ -539,3 +539,34 @@ async def test_concurrent_requests_do_not_queue_on_one_connection(net: Net,
                 n.start_soon(one)
     assert results == [(b"\x01", 3)] * 6
     assert 1 < net.peer(addr).connects <= 4
+
+
+async def test_state_before_the_first_block_is_proven_from_the_genesis(net: Net) -> None:
+    empty = ChainMaker()
+    net.chain = empty
+    addr = net.add()
+    async with net.client(addr) as client:
+        status = await client.status()
+        assert (status.height, status.block_hash) == (0, b"")
+        assert await client.next_nonce(KEYS[0].public_key) == 0
+        value, height = await client.query(keyspace.account(KEYS[0].public_key))
+        assert height == 0
+        assert value is not None
+        with pytest.raises(NotFound):
+            await client.latest()
+        # Once a block is verified, height-0 answers are stale.
+        empty.append()
+        await client.latest()
+        net.peer(addr).upto = 0
+        with pytest.raises(LedgerUnavailable, match="stale"):
+            await client.query(keyspace.account(KEYS[0].public_key))
+
+
+async def test_a_lie_about_genesis_state_is_caught(net: Net) -> None:
+    net.chain = ChainMaker()
+    liar, good = net.add("bad_proof"), net.add()
+    async with net.client(liar, good) as client:
+        value, height = await client.query(keyspace.account(KEYS[0].public_key))
+    assert height == 0
+    assert value == net.chain.genesis_tree().get(keyspace.account(KEYS[0].public_key))
+    assert net.peer(liar).requests == ["query"]
