@@ -407,9 +407,10 @@ class LedgerClient:
         return nonce
 
     async def headers(self) -> AsyncIterator[Header]:
-        """Each newly committed header, verified, in height order without gaps.
+        """Each newly committed header from the first push on, verified, in height order.
 
-        Fails over to the next peer when the current one errs, serves something
+        Heights skipped during a fail-over are fetched (at most ``MAX_BACKFILL`` of them;
+        beyond that the iteration jumps to the new head). Fails over to the next peer when the current one errs, serves something
         unverifiable, or sends nothing for ``stall_timeout_s``. Raises
         :class:`LedgerUnavailable` when every peer failed in a row, and
         :class:`ConflictingHeaders` on a fork. Close it with ``aclosing()`` when done early.
