@@ -162,3 +162,13 @@ def test_update_keeps_sequence_after_partial_inclusion() -> None:
     assert pool.pending_nonce(ALICE.public_key, result.state) == 4
     pool.add(transfer(ALICE, 4), result.state, CHAIN)
     assert len(pool) == 3
+
+
+def test_stale_nonce_is_refused() -> None:
+    s = make_state()
+    first = transfer(ALICE, 0)
+    s = s.apply_block(1, 1_000, [first]).state
+    pool = Mempool()
+    assert code_of(pool, transfer(ALICE, 0, amount=7), s) == "bad_nonce"
+    assert code_of(pool, first, s) == "duplicate"
+    pool.add(transfer(ALICE, 1), s, CHAIN)

@@ -806,3 +806,25 @@ def test_decode_entry_and_helpers() -> None:
     assert max_spend(Tx("farm_create", ALICE.public_key, 0, 7, {})) == 7
     assert "transfer" in TX_TYPES
     assert len(TX_TYPES) == 11
+
+
+def test_update_refusals_and_update_in_grace() -> None:
+    w = _poor_bob_world()
+    body = w.contract_body(dep=deployment(cpu=5, name="huge"))
+    del body["node_id"], body["kind"]
+    w.ok(w.tx(CAROL, "transfer", {"to": BOB.public_key, "amount": 10 * FEE}))
+    assert [o.code for o in w.block(w.tx(BOB, "contract_update",
+                                         {"contract_id": 1, **body}))] == ["overbooked"]
+    w.advance_to(T0 + 10_000)
+    assert w.entry(keyspace.contract(1))["state"] == "grace"
+    body = w.contract_body(dep=deployment(cpu=2, name="other"))
+    del body["node_id"], body["kind"]
+    w.ok(w.tx(BOB, "contract_update", {"contract_id": 1, **body}))
+    c = w.entry(keyspace.contract(1))
+    assert (c["state"], c["resume_state"], c["version"]) == ("grace", "created", 2)
+    assert w.entry(keyspace.node(1))["used"]["cores"] == 2
+    w.ok(w.tx(BOB, "contract_cancel", {"contract_id": 1}))
+    w.ok(w.tx(CAROL, "transfer", {"to": BOB.public_key, "amount": 10 * FEE}))
+    assert [o.code for o in w.block(w.tx(BOB, "contract_update",
+                                         {"contract_id": 1, **body}))] == ["bad_state"]
+    assert_supply(w.state)
