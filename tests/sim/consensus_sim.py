@@ -1,0 +1,510 @@
+"""A deterministic network simulator for the consensus core (no sockets, no clock, no sleeps).
+
+Everything random comes from one ``random.Random(seed)``: message delays, drops, duplicates
+(and so reordering), partitions that heal, crash-restarts of validators (a crash can fall
+between any two actions of one core call; the restarted core is rebuilt from the last
+``Persist`` payload that was executed and the app's durable chain), Byzantine equivocators
+(sign conflicting proposals and votes for two blocks) and "twins" (two honest-code processes
+sharing one key; together one faulty validator).
+
+After every executed action the invariants are checked:
+
+* agreement: no two honest processes decide different blocks at one height;
+* validity: a decided block was proposed by someone and passed the app's validation;
+* no double sign: an honest validator never broadcasts two different signed messages for one
+  (height, round, type), across restarts too;
+* evidence is only ever recorded against faulty validators.
+
+Then, once the partitions healed and crashed validators restarted, every honest validator must
+decide ``heights`` blocks before a step cap (liveness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.codec import EMPTY_HASH, hash_bytes, hash_value
+from ledger.consensus import (
+    Action,
+    BroadcastProposal,
+    BroadcastVote,
+    CatchUp,
+    Consensus,
+    ConsensusConfig,
+    Decided,
+    Persist,
+    RecordEvidence,
+    ScheduleTimeout,
+    SignatureCache,
+    Timeout,
+)
+from ledger.keys import KeyPair
+from ledger.types import (
+    NIL,
+    PRECOMMIT,
+    PREVOTE,
+    Block,
+    Commit,
+    Header,
+    Proposal,
+    ValidatorSet,
+    Vote,
+    merkle_root,
+)
+
+CHAIN_ID = "sim-chain"
+GENESIS_TIME = 0
+_KEYS: dict[int, KeyPair] = {}
+
+
+def key(i: int) -> KeyPair:
+    if i not in _KEYS:
+        _KEYS[i] = KeyPair.from_seed(hashlib.blake2b(b"sim-validator-%d" % i,
+                                                     digest_size=32).digest())
+    return _KEYS[i]
+
+
+class SimFailure(AssertionError):
+    """An invariant broke; the message names the seed."""
+
+
+# ------------------------------------------------------------------------------- the app
+
+
+class SimApp:
+    """A deterministic test app: blocks with random-ish payloads, accepting any well-formed
+    block of the right height, previous hash, time and last commit. Its chain is durable
+    (it survives a crash of the process that owns it)."""
+
+    def __init__(self, validators: ValidatorSet, me: bytes | None, salt: int) -> None:
+        self.validators = validators
+        self.me = me if me is not None else validators.members[0]
+        self.salt = salt
+        self.blocks: list[Block] = []
+        self.commits: list[Commit] = []
+        self.pending = False
+        self.proposed = 0
+
+    @property
+    def height(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def last_time(self) -> int:
+        return self.blocks[-1].header.time_ms if self.blocks else GENESIS_TIME
+
+    @property
+    def last_commit(self) -> Commit | None:
+        return self.commits[-1] if self.commits else None
+
+    def make_block(self, height: int, time_ms: int, last_commit: Commit | None,
+                   extra: bytes = b"") -> Block:
+        self.proposed += 1
+        seed = hash_value([self.salt, height, self.proposed, extra])
+        txs = tuple(hash_bytes(seed + bytes([i])) for i in range(seed[0] % 3))
+        prev = self.blocks[-1].hash() if self.blocks else EMPTY_HASH
+        state_root = hash_value([prev, merkle_root([hash_bytes(t) for t in txs])])
+        header = Header(CHAIN_ID, height, time_ms, prev,
+                        EMPTY_HASH if last_commit is None else last_commit.hash(),
+                        merkle_root([hash_bytes(t) for t in txs]), state_root,
+                        self.validators.hash(), self.validators.hash(), self.me)
+        return Block(header, txs, last_commit)
+
+    # App protocol
+    def propose(self, height: int, round: int, time_ms: int, last_commit: Commit | None) -> Block:
+        if height != self.height + 1:
+            raise SimFailure(f"asked to propose height {height} at app height {self.height}")
+        return self.make_block(height, time_ms, last_commit)
+
+    def validate(self, block: Block, now_ms: int) -> bool:
+        h = block.header
+        if h.height != self.height + 1 or h.chain_id != CHAIN_ID:
+            return False
+        if h.prev_hash != (self.blocks[-1].hash() if self.blocks else EMPTY_HASH):
+            return False
+        if h.time_ms <= self.last_time or h.proposer not in self.validators:
+            return False
+        lc = block.last_commit
+        if h.height > 1:
+            if lc is None or lc.height != h.height - 1 or lc.block_hash != h.prev_hash \
+                    or len(lc.signatures) < self.validators.quorum:
+                return False
+        try:
+            block.check_shape()
+        except Exception:
+            return False
+        return True
+
+    def commit(self, block: Block, commit: Commit) -> None:
+        if block.header.height != self.height + 1 or commit.block_hash != block.hash():
+            raise SimFailure("app.commit called out of order")
+        self.blocks.append(block)
+        self.commits.append(commit)
+        self.pending = False
+
+    def has_pending_txs(self) -> bool:
+        return self.pending
+
+
+# ------------------------------------------------------------------------------ the sim
+
+
+HONEST, BYZANTINE, TWIN = "honest", "byzantine", "twin"
+
+CoreFactory = Callable[..., Consensus]
+
+
+@dataclass
+class SimParams:
+    n: int = 4
+    heights: int = 3
+    byzantine: int = 0  # equivocating validators
+    twins: int = 0  # validators run by two processes with one key
+    crashes: int = 0  # crash-restarts of honest validators during the chaos period
+    partitions: int = 0  # partitions (each heals) during the chaos period
+    drop: float = 0.0
+    duplicate: float = 0.0
+    min_delay: int = 1
+    max_delay: int = 200
+    slow: float = 0.02  # probability of a very late message
+    chaos_ms: int = 6_000
+    empty_block_interval_ms: int = 0
+    step_cap: int = 200_000
+    time_cap_ms: int = 400_000
+    config: ConsensusConfig = field(default_factory=ConsensusConfig)
+    check_liveness: bool = True
+
+
+@dataclass
+class Proc:
+    idx: int
+    slot: int  # validator index
+    role: str
+    key: KeyPair
+    app: SimApp
+    core: Consensus | None = None
+    wal: bytes | None = None
+    alive: bool = True
+    incarnation: int = 0
+    crash_armed: bool = False
+    byz_voted: set[tuple[int, int, int, bytes]] = field(default_factory=set)
+
+
+class Sim:
+    def __init__(self, seed: int, params: SimParams,
+                 core_factory: CoreFactory = Consensus) -> None:
+        self.seed = seed
+        self.p = params
+        self.rng = random.Random(seed)
+        self.factory = core_factory
+        self.now = 0
+        self.steps = 0
+        self._seq = 0
+        self.events: list[tuple[int, int, str, Any]] = []
+        self.validators = ValidatorSet.of([key(i).public_key for i in range(params.n)])
+        self.sigcache = SignatureCache()
+        self.config = dataclasses.replace(
+            params.config, empty_block_interval_ms=params.empty_block_interval_ms)
+        keys_by_slot = {self.validators.index(key(i).public_key): key(i) for i in range(params.n)}
+        f = self.validators.f
+        if params.byzantine + params.twins > f:
+            raise ValueError("more faulty validators than the protocol tolerates")
+        slots = list(range(params.n))
+        self.rng.shuffle(slots)
+        roles: dict[int, str] = {}
+        for s in slots[: params.byzantine]:
+            roles[s] = BYZANTINE
+        for s in slots[params.byzantine: params.byzantine + params.twins]:
+            roles[s] = TWIN
+        self.procs: list[Proc] = []
+        for s in range(params.n):
+            role = roles.get(s, HONEST)
+            for _ in range(2 if role == TWIN else 1):
+                idx = len(self.procs)
+                k = keys_by_slot[s]
+                self.procs.append(Proc(idx, s, role, k, SimApp(self.validators, k.public_key,
+                                                               seed * 1000 + idx)))
+        # invariants
+        self.decided: dict[int, bytes] = {}
+        self.proposed: set[bytes] = set()
+        self.signed: dict[tuple[bytes, int, int, str], tuple[Any, ...]] = {}
+        self.faulty_keys = {pr.key.public_key for pr in self.procs if pr.role != HONEST}
+        self.evidence: list[tuple[Vote, Vote]] = []
+        self.partitions: list[tuple[int, int, frozenset[int]]] = []
+        self._plan()
+
+    # -- setup --------------------------------------------------------------------------
+
+    def fail(self, what: str) -> SimFailure:
+        return SimFailure(f"seed={self.seed} n={self.p.n} t={self.now}ms: {what}")
+
+    def _push(self, t: int, kind: str, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, self._seq, kind, payload))
+
+    def _plan(self) -> None:
+        p, rng = self.p, self.rng
+        for _ in range(p.partitions):
+            start = rng.randrange(0, max(1, p.chaos_ms))
+            end = min(p.chaos_ms, start + rng.randrange(500, 5_000))
+            side = frozenset(i for i in range(len(self.procs)) if rng.random() < 0.5)
+            self.partitions.append((start, end, side))
+        honest = [pr.idx for pr in self.procs if pr.role == HONEST]
+        for _ in range(p.crashes):
+            self._push(rng.randrange(0, max(1, p.chaos_ms)), "crash", rng.choice(honest))
+        if p.empty_block_interval_ms > 0:
+            t = 0
+            while t < p.chaos_ms * 3:
+                t += rng.randrange(200, 4_000)
+                self._push(t, "txs", rng.randrange(len(self.procs)))
+        for pr in self.procs:
+            self._push(rng.randrange(0, 50), "boot", pr.idx)
+
+    def _new_core(self, pr: Proc) -> Consensus:
+        return self.factory(
+            chain_id=CHAIN_ID, validators=self.validators, key=pr.key, app=pr.app,
+            config=self.config, height=pr.app.height + 1,
+            last_block_time_ms=pr.app.last_time, snapshot=pr.wal,
+            last_commit=pr.app.last_commit, signature_cache=self.sigcache)
+
+    # -- network ------------------------------------------------------------------------
+
+    def _cut(self, a: int, b: int) -> bool:
+        for start, end, side in self.partitions:
+            if start <= self.now < end and ((a in side) != (b in side)):
+                return True
+        return False
+
+    def _delay(self) -> int:
+        if self.rng.random() < self.p.slow:
+            return self.rng.randrange(self.p.max_delay, 4_000)
+        return self.rng.randrange(self.p.min_delay, self.p.max_delay + 1)
+
+    def send(self, src: int, dst: int, msg: tuple[Any, ...]) -> None:
+        if src == dst or self._cut(src, dst):
+            return
+        chaos = self.now < self.p.chaos_ms
+        if chaos and self.rng.random() < self.p.drop:
+            return
+        self._push(self.now + self._delay(), "msg", (dst, msg))
+        if chaos and self.rng.random() < self.p.duplicate:
+            self._push(self.now + self._delay(), "msg", (dst, msg))
+
+    def broadcast(self, src: int, msg: tuple[Any, ...], to: list[int] | None = None) -> None:
+        for dst in (range(len(self.procs)) if to is None else to):
+            self.send(src, dst, msg)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run to completion. Raises :class:`SimFailure` naming the seed on a violation."""
+        while self.events:
+            if self.p.check_liveness and self._done():
+                return
+            self.steps += 1
+            if self.steps > self.p.step_cap:
+                break
+            t, _, kind, payload = heapq.heappop(self.events)
+            if t > self.p.time_cap_ms:
+                break
+            self.now = max(self.now, t)
+            self._event(kind, payload)
+        if self.p.check_liveness and not self._done():
+            heights = {pr.idx: (pr.role, pr.app.height) for pr in self.procs}
+            raise self.fail(f"liveness: not every honest validator decided "
+                            f"{self.p.heights} heights: {heights}")
+
+    def _done(self) -> bool:
+        return all(pr.app.height >= self.p.heights for pr in self.procs if pr.role == HONEST)
+
+    def _event(self, kind: str, payload: Any) -> None:
+        if kind == "msg":
+            dst, msg = payload
+            pr = self.procs[dst]
+            if not pr.alive or pr.core is None:
+                return
+            if pr.role == BYZANTINE and msg[0] == "proposal":
+                self._byz_vote_for(pr, msg[1])
+            if msg[0] == "proposal":
+                acts = pr.core.on_proposal(msg[1], msg[2], self.now)
+            else:
+                acts = pr.core.on_vote(msg[1], self.now)
+            self._execute(pr, acts)
+        elif kind == "timeout":
+            idx, inc, to = payload
+            pr = self.procs[idx]
+            if pr.alive and pr.incarnation == inc and pr.core is not None:
+                self._execute(pr, pr.core.on_timeout(to, self.now))
+        elif kind == "boot":
+            pr = self.procs[payload]
+            pr.core = self._new_core(pr)
+            self._execute(pr, pr.core.start(self.now))
+        elif kind == "crash":
+            pr = self.procs[payload]
+            if pr.alive:
+                pr.crash_armed = True
+        elif kind == "restart":
+            pr = self.procs[payload]
+            pr.alive = True
+            pr.incarnation += 1
+            pr.core = self._new_core(pr)
+            self._execute(pr, pr.core.start(self.now))
+        elif kind == "txs":
+            pr = self.procs[payload]
+            pr.app.pending = True
+            if pr.alive and pr.core is not None:
+                self._execute(pr, pr.core.on_txs_available(self.now))
+        elif kind == "certified":
+            idx, inc, items = payload
+            pr = self.procs[idx]
+            for block, commit in items:
+                if not (pr.alive and pr.incarnation == inc and pr.core is not None):
+                    return
+                if block.header.height != pr.core.height:
+                    continue
+                self._execute(pr, pr.core.on_certified_block(block, commit, self.now))
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+
+    def _execute(self, pr: Proc, acts: list[Action]) -> None:
+        stop = len(acts) + 1
+        if pr.crash_armed:
+            # the process dies somewhere between two of these actions
+            stop = self.rng.randrange(0, len(acts) + 1)
+        for i, a in enumerate(acts):
+            if i == stop:
+                break
+            self._act(pr, a)
+        if pr.crash_armed:
+            pr.crash_armed = False
+            pr.alive = False
+            pr.core = None
+            self._push(self.now + self.rng.randrange(100, 3_000), "restart", pr.idx)
+
+    def _act(self, pr: Proc, a: Action) -> None:
+        if isinstance(a, Persist):
+            pr.wal = a.snapshot
+        elif isinstance(a, BroadcastProposal):
+            self._check_signed(pr, a.proposal.proposer, a.proposal.height, a.proposal.round, 0,
+                               (a.proposal.block_hash, a.proposal.valid_round))
+            self.proposed.add(a.block.hash())
+            if pr.role == BYZANTINE:
+                self._byz_propose(pr, a.proposal, a.block)
+            else:
+                self.broadcast(pr.idx, ("proposal", a.proposal, a.block))
+        elif isinstance(a, BroadcastVote):
+            v = a.vote
+            self._check_signed(pr, v.validator, v.height, v.round, v.kind, (v.block_hash,))
+            if pr.role == BYZANTINE and v.validator == pr.key.public_key:
+                self._byz_vote(pr, v)
+            else:
+                self.broadcast(pr.idx, ("vote", v))
+        elif isinstance(a, ScheduleTimeout):
+            self._push(self.now + a.delay_ms, "timeout", (pr.idx, pr.incarnation, a.timeout))
+        elif isinstance(a, Decided):
+            self._check_decided(pr, a.block, a.commit)
+        elif isinstance(a, RecordEvidence):
+            self._check_evidence(a.first, a.second)
+        elif isinstance(a, CatchUp):
+            self._catch_up(pr, a.height)
+        else:  # pragma: no cover
+            raise AssertionError(a)
+
+    # -- invariants ---------------------------------------------------------------------
+
+    def _check_signed(self, pr: Proc, signer: bytes, h: int, r: int, kind: int,
+                      content: tuple[Any, ...]) -> None:
+        if pr.role != HONEST or signer != pr.key.public_key:
+            return
+        k = (signer, h, r, "proposal" if kind == 0 else str(kind))
+        prev = self.signed.setdefault(k, content)
+        if prev != content:
+            raise self.fail(f"double sign by honest validator {pr.idx} at {k[1:]}: "
+                            f"{prev!r} then {content!r}")
+
+    def _check_decided(self, pr: Proc, block: Block, commit: Commit) -> None:
+        if pr.role != HONEST:
+            return
+        h = block.header.height
+        bh = block.hash()
+        if commit.block_hash != bh or commit.height != h:
+            raise self.fail(f"process {pr.idx} decided with a mismatched commit at {h}")
+        if bh not in self.proposed:
+            raise self.fail(f"validity: process {pr.idx} decided an unproposed block at {h}")
+        first = self.decided.setdefault(h, bh)
+        if first != bh:
+            raise self.fail(f"agreement: process {pr.idx} decided {bh.hex()[:12]} at height "
+                            f"{h}, another honest process decided {first.hex()[:12]}")
+
+    def _check_evidence(self, a: Vote, b: Vote) -> None:
+        same = (a.validator, a.height, a.round, a.kind) == (b.validator, b.height, b.round, b.kind)
+        if not same or a.block_hash == b.block_hash:
+            raise self.fail(f"bogus evidence {a} / {b}")
+        if a.validator not in self.faulty_keys:
+            raise self.fail(f"evidence against an honest validator: {a} / {b}")
+        self.evidence.append((a, b))
+
+    # -- catch-up -----------------------------------------------------------------------
+
+    def _catch_up(self, pr: Proc, height: int) -> None:
+        sources = [q for q in self.procs if q.idx != pr.idx and q.app.height >= height
+                   and q.role == HONEST]
+        if not sources:
+            return
+        src = self.rng.choice(sources)
+        items = [(src.app.blocks[h - 1], src.app.commits[h - 1])
+                 for h in range(height, src.app.height + 1)][:4]
+        self._push(self.now + self._delay() + self._delay(), "certified",
+                   (pr.idx, pr.incarnation, items))
+
+    # -- Byzantine behaviour ------------------------------------------------------------
+
+    def _others(self, pr: Proc) -> list[int]:
+        return [q.idx for q in self.procs if q.idx != pr.idx]
+
+    def _split(self, pr: Proc) -> tuple[list[int], list[int]]:
+        others = self._others(pr)
+        self.rng.shuffle(others)
+        cut = self.rng.randrange(0, len(others) + 1)
+        return others[:cut], others[cut:]
+
+    def _byz_sign_votes(self, pr: Proc, h: int, r: int, bh: bytes, to: list[int]) -> None:
+        for kind in (PREVOTE, PRECOMMIT):
+            if (h, r, kind, bh) in pr.byz_voted:
+                continue
+            pr.byz_voted.add((h, r, kind, bh))
+            v = Vote(kind, h, r, bh, pr.key.public_key).signed(pr.key, CHAIN_ID)
+            self.broadcast(pr.idx, ("vote", v), to)
+
+    def _byz_propose(self, pr: Proc, prop: Proposal, block: Block) -> None:
+        """Propose two different blocks to two random halves, and vote for both."""
+        alt_block = pr.app.make_block(block.header.height, block.header.time_ms,
+                                      block.last_commit, extra=b"alt")
+        alt = Proposal(prop.height, prop.round, alt_block.hash(), prop.valid_round,
+                       pr.key.public_key).signed(pr.key, CHAIN_ID)
+        self.proposed.add(alt_block.hash())
+        a, b = self._split(pr)
+        self.broadcast(pr.idx, ("proposal", prop, block), a)
+        self.broadcast(pr.idx, ("proposal", alt, alt_block), b)
+        self._byz_sign_votes(pr, prop.height, prop.round, prop.block_hash, a)
+        self._byz_sign_votes(pr, prop.height, prop.round, alt.block_hash, b)
+
+    def _byz_vote(self, pr: Proc, v: Vote) -> None:
+        """Send the honest vote to some, a conflicting one (nil or the other way) to the rest."""
+        a, b = self._split(pr)
+        self.broadcast(pr.idx, ("vote", v), a)
+        if v.block_hash == NIL:
+            return
+        w = Vote(v.kind, v.height, v.round, NIL, pr.key.public_key).signed(pr.key, CHAIN_ID)
+        self.broadcast(pr.idx, ("vote", w), b)
+
+    def _byz_vote_for(self, pr: Proc, prop: Proposal) -> None:
+        """Prevote and precommit every proposal seen, to a random subset."""
+        a, _ = self._split(pr)
+        self._byz_sign_votes(pr, prop.height, prop.round, prop.block_hash, a)
