@@ -537,7 +537,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
         return "connection lost"
     if isinstance(exc, OSError):
-        return f"cannot connect ({exc.strerror or exc.__class__.__name__})"
+        return f"cannot connect ({exc.strerror or exc or exc.__class__.__name__})"
     return str(exc) or exc.__class__.__name__
 
 
