@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from cli import chain
-from cli.home import Home, LedgerContext, format_hostport, parse_peers, read_genesis_file
+from cli.home import Home, LedgerContext, parse_peers, read_genesis_file
 from cli.output import emit, json_option, pairs
+from ledger.config import format_hostport
 
 
 @click.group()

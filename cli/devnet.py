@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,6 @@ from cli.home import (
     FORMAT_VERSION,
     Home,
     LedgerContext,
-    format_hostport,
-    parse_hostport,
     read_json,
     write_json,
 )
@@ -32,6 +31,7 @@ from cli.output import emit, json_option, progress, progress_done, settings, tab
 from cli.procs import ProcessRecord, is_alive, spawn, stop
 from ledger import keys
 from ledger.client import LedgerClient
+from ledger.config import format_hostport, parse_hostport
 from ledger.errors import ConfigError, LedgerTimeout, NotFound, TfgridError
 from ledger.types import Genesis
 
@@ -195,10 +195,11 @@ async def _heights(genesis: Genesis, validators: list[DevnetValidator]) -> dict[
 
 
 async def _wait_committing(net: Devnet, genesis: Genesis, names: list[str],
-                           timeout_s: float) -> dict[str, int | None]:
+                           timeout_s: float, *, at_least: int = 0) -> dict[str, int | None]:
     """Wait until every validator in ``names`` answers and the chain commits a new block.
 
-    "New" means above the highest height any of them reported once all answered. Raises
+    "New" means above the highest height any of them reported once all answered; each must
+    also reach ``at_least`` (a restarted validator catching up with the others). Raises
     :class:`TfgridError` if one of them exits, :class:`LedgerTimeout` after ``timeout_s``.
     """
     watched = [net.get(n) for n in names]
@@ -214,7 +215,7 @@ async def _wait_committing(net: Devnet, genesis: Genesis, names: list[str],
             heights = await _heights(genesis, watched)
             answering = [h for h in heights.values() if h is not None]
             if target is None and len(answering) == len(watched):
-                target = max(answering) + 1
+                target = max(max(answering) + 1, at_least)
             if target is not None and all(h is not None and h >= target for h in answering) \
                     and len(answering) == len(watched):
                 progress_done()
@@ -398,9 +399,12 @@ def start_cmd(ctx: click.Context, name: str, directory: Path | None, timeout_s: 
     if v.proc is not None and is_alive(v.proc):
         raise ConfigError(f"{name} is already running (pid {v.proc.pid})")
     genesis = Home(net.root).load_genesis()
+    others = trio.run(_heights, genesis, [o for o in net.alive() if o.name != name])
+    chain_height = max((h for h in others.values() if h is not None), default=0)
     net = _start(net, v)
     try:
-        heights = trio.run(_wait_committing, net, genesis, [name], timeout_s)
+        heights = trio.run(partial(_wait_committing, at_least=chain_height),
+                           net, genesis, [name], timeout_s)
     except BaseException:
         _stop(net, net.get(name))
         raise

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import keys
+from ledger.config import format_hostport, parse_hostport, read_genesis
 from ledger.errors import ConfigError
 from ledger.types import Genesis
 
@@ -29,27 +30,14 @@ DEVNET_FILE = "devnet.json"
 FORMAT_VERSION = 1
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``. Raises :class:`ConfigError` on bad input."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"peer {text!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ConfigError(f"peer {text!r}: port out of range")
-    return host.strip("[]"), port
-
-
-def format_hostport(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_peers(text: str) -> list[tuple[str, int]]:
     """A comma-separated list of HOST:PORT. Raises :class:`ConfigError` if empty or malformed."""
-    peers = [parse_hostport(p) for p in text.split(",") if p.strip()]
+    peers = [parse_hostport(p.strip(), what="peer") for p in text.split(",") if p.strip()]
     if not peers:
         raise ConfigError("no peers given (expected HOST:PORT,...)")
+    for host, port in peers:
+        if port == 0:
+            raise ConfigError(f"peer {format_hostport((host, port))} has port 0")
     return peers
 
 
@@ -139,7 +127,7 @@ class Home:
             raise ConfigError(f"context {self.context_file}: chain_id and genesis are required")
         path = Path(genesis)
         return LedgerContext(
-            peers=tuple(parse_hostport(p) for p in peers),
+            peers=tuple(parse_hostport(p, what="peer") for p in peers),
             chain_id=chain_id,
             genesis_path=path if path.is_absolute() else self.root / path,
         )
@@ -205,8 +193,6 @@ class Home:
 
 def read_genesis_file(path: Path) -> Genesis:
     """Read a genesis file written by ``ledger.config.write_genesis``. Raises ConfigError."""
-    from ledger.config import read_genesis  # the validator side owns the file format
-
     if not path.exists():
         raise ConfigError(f"genesis file not found: {path}")
     return read_genesis(path)

@@ -9,10 +9,11 @@ from typing import Any
 import click
 
 from cli import chain
-from cli.home import format_hostport, parse_hostport, parse_peers
+from cli.home import parse_peers
 from cli.network import DEFAULT_EMPTY_BLOCK_INTERVAL_MS, create_network, free_ports
 from cli.output import emit, json_option, pairs, table
 from ledger import keys
+from ledger.config import format_hostport, parse_hostport
 from ledger.errors import ConfigError
 
 

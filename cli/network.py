@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli.home import format_hostport
 from ledger import keys
-from ledger.config import init_validator_home, make_genesis, write_genesis
+from ledger.config import format_hostport, init_validator_home, make_genesis, write_genesis
 from ledger.errors import ConfigError
 from ledger.types import Genesis
 

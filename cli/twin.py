@@ -7,10 +7,10 @@ from typing import Any
 import click
 
 from cli import chain
-from cli.home import parse_hostport
 from cli.output import emit, json_option
 from ledger import keyspace
 from ledger.client import LedgerClient
+from ledger.config import parse_hostport
 from ledger.errors import NotFound
 
 
