@@ -13,6 +13,10 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "bootstrap: $PYTHON cannot create virtualenvs; on Debian: apt-get install python3-venv" >&2
+        exit 1
+    fi
     echo "bootstrap: creating $VENV" >&2
     "$PYTHON" -m venv "$VENV"
 fi
