@@ -42,8 +42,8 @@ from ledger.consensus import (
     RecordEvidence,
     ScheduleTimeout,
     SignatureCache,
-    Timeout,
 )
+from ledger.errors import TfgridError
 from ledger.keys import KeyPair
 from ledger.types import (
     NIL,
@@ -368,7 +368,13 @@ class Sim:
                     return
                 if block.header.height != pr.core.height:
                     continue
-                self._execute(pr, pr.core.on_certified_block(block, commit, self.now))
+                try:
+                    acts = pr.core.on_certified_block(block, commit, self.now)
+                except TfgridError as exc:
+                    if pr.role == HONEST:
+                        raise self.fail(f"catch-up of honest {pr.idx} failed: {exc!r}") from exc
+                    return  # a faulty process may have forked off: it stays behind
+                self._execute(pr, acts)
         else:  # pragma: no cover
             raise AssertionError(kind)
 
