@@ -214,12 +214,12 @@ async def _wait_committing(net: Devnet, genesis: Genesis, names: list[str],
                                       f"{_last_log_line(log) or 'no output'} (log: {log})")
             heights = await _heights(genesis, watched)
             answering = [h for h in heights.values() if h is not None]
-            if target is None and len(answering) == len(watched):
-                target = max(max(answering) + 1, at_least)
-            if target is not None and all(h is not None and h >= target for h in answering) \
-                    and len(answering) == len(watched):
-                progress_done()
-                return heights
+            if len(answering) == len(watched):
+                if target is None:
+                    target = max(max(answering) + 1, at_least)
+                if min(answering) >= target:
+                    progress_done()
+                    return heights
             top = max(answering, default=0)
             progress(f"devnet: {len(answering)}/{len(watched)} validators answering, "
                      f"height {top}")
