@@ -28,7 +28,7 @@ from cli.home import (
 )
 from cli.network import create_network, free_ports
 from cli.output import emit, json_option, progress, progress_done, settings, table
-from cli.procs import ProcessRecord, is_alive, spawn, stop
+from cli.procs import ProcessRecord, is_alive, spawn, stop, stop_all
 from ledger import keys
 from ledger.client import LedgerClient
 from ledger.config import format_hostport, parse_hostport
@@ -151,13 +151,12 @@ def _stop(net: Devnet, v: DevnetValidator) -> Devnet:
 
 
 def _stop_all(net: Devnet) -> tuple[Devnet, list[str]]:
-    stopped = []
-    for v in net.validators:
-        if v.proc is not None:
-            if is_alive(v.proc):
-                stopped.append(v.name)
-            net = _stop(net, v)
-    return net, stopped
+    """Stop every recorded process at once; return the devnet record and who was running."""
+    running = [v for v in net.validators if v.proc is not None and is_alive(v.proc)]
+    stop_all([v.proc for v in running if v.proc is not None])
+    net = replace(net, validators=tuple(replace(v, proc=None) for v in net.validators))
+    net.save()
+    return net, [v.name for v in running]
 
 
 def _last_log_line(path: Path) -> str:

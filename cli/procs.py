@@ -88,20 +88,31 @@ def _signal(rec: ProcessRecord, sig: signal.Signals) -> None:
             pass
 
 
-def _wait_dead(rec: ProcessRecord, timeout_s: float) -> bool:
+def _wait_dead(recs: list[ProcessRecord], timeout_s: float) -> list[ProcessRecord]:
+    """Wait until all of ``recs`` are gone or ``timeout_s`` passed; return the survivors."""
     deadline = time.monotonic() + timeout_s
-    while is_alive(rec):
-        if time.monotonic() >= deadline:
-            return False
+    while True:
+        survivors = [r for r in recs if is_alive(r)]
+        if not survivors or time.monotonic() >= deadline:
+            return survivors
         time.sleep(POLL_S)
-    return True
+
+
+def stop_all(recs: list[ProcessRecord], *, grace_s: float = 10.0) -> None:
+    """SIGTERM all, then SIGKILL those still alive after ``grace_s`` (one shared deadline).
+
+    Raises OSError if a process survives SIGKILL.
+    """
+    for rec in recs:
+        _signal(rec, signal.SIGTERM)
+    survivors = _wait_dead(recs, grace_s)
+    for rec in survivors:
+        _signal(rec, signal.SIGKILL)
+    survivors = _wait_dead(survivors, KILL_WAIT_S)
+    if survivors:
+        raise OSError(f"process(es) {', '.join(str(r.pid) for r in survivors)} survived SIGKILL")
 
 
 def stop(rec: ProcessRecord, *, grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if still alive after ``grace_s``. Raises OSError if it survives."""
-    _signal(rec, signal.SIGTERM)
-    if _wait_dead(rec, grace_s):
-        return
-    _signal(rec, signal.SIGKILL)
-    if not _wait_dead(rec, KILL_WAIT_S):
-        raise OSError(f"process {rec.pid} survived SIGKILL")
+    stop_all([rec], grace_s=grace_s)
