@@ -11,6 +11,7 @@ from cli import chain
 from cli.home import Home, LedgerContext, parse_peers, read_genesis_file
 from cli.output import emit, json_option, pairs
 from ledger.config import format_hostport
+from ledger.errors import ConfigError
 
 
 @click.group()
@@ -31,6 +32,9 @@ def set_(ctx: click.Context, peers: str, genesis_file: Path | None) -> None:
     home = chain.home_of(ctx)
     peer_list = parse_peers(peers)
     source = genesis_file if genesis_file is not None else home.genesis_file
+    if not source.exists() and genesis_file is None:
+        raise ConfigError(f"{home.root} has no genesis yet: pass --genesis FILE "
+                          "(the chain's genesis.json)")
     genesis = read_genesis_file(source)
     home.root.mkdir(parents=True, exist_ok=True)
     if source.resolve() != home.genesis_file.resolve():
