@@ -310,6 +310,7 @@ class Consensus:
         self._last_time = last_block_time_ms
         self._last_commit = last_commit
         self._started = False
+        self._changes = 0  # bumped by every state change an incoming message can cause
         # messages for height + 1, already verified: per validator votes, and proposals
         self._next_votes: dict[bytes, list[Vote]] = {}
         self._next_proposals: list[tuple[Proposal, Block]] = []
@@ -492,15 +493,19 @@ class Consensus:
     def on_proposal(self, proposal: Proposal, block: Block, now_ms: int) -> list[Action]:
         """A proposal with its block from a peer. Bad or irrelevant ones are ignored."""
         acts: list[Action] = []
+        before = self._changes
         self._receive_proposal(proposal, block, now_ms, acts, verified=False)
-        self._progress(now_ms, acts)
+        if self._changes != before or acts:
+            self._progress(now_ms, acts)
         return acts
 
     def on_vote(self, vote: Vote, now_ms: int) -> list[Action]:
         """A vote from a peer. Bad or irrelevant ones are ignored."""
         acts: list[Action] = []
+        before = self._changes
         self._receive_vote(vote, now_ms, acts, verified=False)
-        self._progress(now_ms, acts)
+        if self._changes != before or acts:  # most gossip is a duplicate: skip the rules
+            self._progress(now_ms, acts)
         return acts
 
     def on_timeout(self, timeout: Timeout, now_ms: int) -> list[Action]:
@@ -839,6 +844,7 @@ class Consensus:
     def _note_ahead(self, validator: bytes, height: int) -> None:
         if height > self._ahead_height.get(validator, self._height):
             self._ahead_height[validator] = height
+            self._changes += 1
 
     def _wake(self, sender: bytes, now: int, acts: list[Action]) -> None:
         """Another validator works on this height: stop waiting for txs."""
@@ -880,6 +886,7 @@ class Consensus:
                 self._ahead_votes[vote.validator] = (vote.round, [vote])
             else:
                 ahead[1].append(vote)
+            self._changes += 1
             self._note_round(vote.validator, vote.round)
             self._wake(vote.validator, now, acts)
             return
@@ -893,6 +900,7 @@ class Consensus:
         rv = self._votes_at(vote.round, vote.kind)
         val, bh = vote.validator, vote.block_hash
         known = rv.first.get(val)
+        self._changes += 1
         if known is None:
             rv.first[val] = vote
             rv.by_hash.setdefault(bh, {})[val] = vote
@@ -915,6 +923,7 @@ class Consensus:
     def _note_round(self, validator: bytes, round_: int) -> None:
         if round_ > self._max_round.get(validator, -1):
             self._max_round[validator] = round_
+            self._changes += 1
 
     def _receive_proposal(self, p: Proposal, block: Block, now: int, acts: list[Action], *,
                           verified: bool) -> None:
@@ -961,6 +970,7 @@ class Consensus:
         if any(q == p for q, _ in props):
             return
         props.append((p, block))
+        self._changes += 1
         self._blocks.setdefault(p.block_hash, block)
         self._note_round(p.proposer, p.round)
 

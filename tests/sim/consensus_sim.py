@@ -21,6 +21,7 @@ decide ``heights`` blocks before a step cap (liveness).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import heapq
@@ -168,6 +169,11 @@ class SimParams:
     twins: int = 0  # validators run by two processes with one key
     crashes: int = 0  # crash-restarts of honest validators during the chaos period
     partitions: int = 0  # partitions (each heals) during the chaos period
+    mute_deciders_ms: int = 0  # adversary: delay all messages of a process that just decided
+    targeted: bool = False  # adversarial scheduling against locks (see _targeted_delay)
+    # Byzantine extra votes for every proposal it sees: to a random "subset", to "all" or "none"
+    # (then it only splits its own votes: the real one to some, a nil vote to the others)
+    byz_extra_votes: str = "subset"
     drop: float = 0.0
     duplicate: float = 0.0
     min_delay: int = 1
@@ -175,6 +181,7 @@ class SimParams:
     slow: float = 0.02  # probability of a very late message
     chaos_ms: int = 6_000
     empty_block_interval_ms: int = 0
+    inject_txs: bool = True  # with an empty-block interval: txs arrive at random times
     step_cap: int = 200_000
     time_cap_ms: int = 400_000
     config: ConsensusConfig = field(default_factory=ConsensusConfig)
@@ -237,6 +244,13 @@ class Sim:
         self.faulty_keys = {pr.key.public_key for pr in self.procs if pr.role != HONEST}
         self.evidence: list[tuple[Vote, Vote]] = []
         self.partitions: list[tuple[int, int, frozenset[int]]] = []
+        self.height_roles: dict[int, tuple[int, int]] = {}
+        self.first_proposed: dict[int, bytes] = {}
+        self.muted_until: dict[int, int] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._all_done = False
+        self._decisions_changed = False
+        self._nil_votes: dict[tuple[int, int, int, int], Vote] = {}
         self._plan()
 
     # -- setup --------------------------------------------------------------------------
@@ -258,7 +272,7 @@ class Sim:
         honest = [pr.idx for pr in self.procs if pr.role == HONEST]
         for _ in range(p.crashes):
             self._push(rng.randrange(0, max(1, p.chaos_ms)), "crash", rng.choice(honest))
-        if p.empty_block_interval_ms > 0:
+        if p.empty_block_interval_ms > 0 and p.inject_txs:
             t = 0
             while t < p.chaos_ms * 3:
                 t += rng.randrange(200, 4_000)
@@ -281,6 +295,31 @@ class Sim:
                 return True
         return False
 
+    def _targeted_delay(self, src: int, dst: int, msg: tuple[Any, ...]) -> int:
+        """Adversarial scheduling aimed at the lock. Per height, the first proposed block X
+        is the target; one honest process is "lucky" (gets X's precommits at once) and one is
+        "late" (gets X's proposal late, so it prevotes nil).
+        Everybody else's view of X's precommits lags by seconds: the lucky one can decide X
+        while the others move on to later rounds where only their locks on X stop them from
+        deciding another block."""
+        m = msg[1]
+        roles = self.height_roles.get(m.height)
+        if roles is None:
+            honest = [pr.idx for pr in self.procs if pr.role == HONEST]
+            self.rng.shuffle(honest)
+            roles = self.height_roles[m.height] = (honest[0], honest[-1])
+        lucky, late = roles
+        target = self.first_proposed.get(m.height)
+        if msg[0] == "proposal" and target is None:
+            target = self.first_proposed[m.height] = m.block_hash
+        if m.block_hash != target:
+            return 0
+        if dst == late and msg[0] == "proposal":
+            return self.rng.randrange(2_000, 6_000)
+        if msg[0] == "vote" and m.kind == PRECOMMIT and dst != lucky:
+            return self.rng.randrange(2_000, 6_000)
+        return 0
+
     def _delay(self) -> int:
         if self.rng.random() < self.p.slow:
             return self.rng.randrange(self.p.max_delay, 4_000)
@@ -292,7 +331,13 @@ class Sim:
         chaos = self.now < self.p.chaos_ms
         if chaos and self.rng.random() < self.p.drop:
             return
-        self._push(self.now + self._delay(), "msg", (dst, msg))
+        delay = self._delay()
+        if chaos and self.p.targeted:
+            delay += self._targeted_delay(src, dst, msg)
+        muted = self.muted_until.get(src, 0)
+        if muted > self.now:
+            delay += muted - self.now
+        self._push(self.now + delay, "msg", (dst, msg))
         if chaos and self.rng.random() < self.p.duplicate:
             self._push(self.now + self._delay(), "msg", (dst, msg))
 
@@ -305,7 +350,7 @@ class Sim:
     def run(self) -> None:
         """Run to completion. Raises :class:`SimFailure` naming the seed on a violation."""
         while self.events:
-            if self.p.check_liveness and self._done():
+            if self.p.check_liveness and self.all_done:
                 return
             self.steps += 1
             if self.steps > self.p.step_cap:
@@ -323,6 +368,13 @@ class Sim:
     def _done(self) -> bool:
         return all(pr.app.height >= self.p.heights for pr in self.procs if pr.role == HONEST)
 
+    @property
+    def all_done(self) -> bool:
+        if not self._all_done and self._decisions_changed:
+            self._decisions_changed = False
+            self._all_done = self._done()
+        return self._all_done
+
     def _event(self, kind: str, payload: Any) -> None:
         if kind == "msg":
             dst, msg = payload
@@ -335,6 +387,7 @@ class Sim:
                 acts = pr.core.on_proposal(msg[1], msg[2], self.now)
             else:
                 acts = pr.core.on_vote(msg[1], self.now)
+            self.stats["deliveries"] += 1
             self._execute(pr, acts)
         elif kind == "timeout":
             idx, inc, to = payload
@@ -389,6 +442,7 @@ class Sim:
             self._act(pr, a)
         if pr.crash_armed:
             pr.crash_armed = False
+            self.stats["crashes"] += 1
             pr.alive = False
             pr.core = None
             self._push(self.now + self.rng.randrange(100, 3_000), "restart", pr.idx)
@@ -414,7 +468,10 @@ class Sim:
         elif isinstance(a, ScheduleTimeout):
             self._push(self.now + a.delay_ms, "timeout", (pr.idx, pr.incarnation, a.timeout))
         elif isinstance(a, Decided):
+            self._decisions_changed = True
             self._check_decided(pr, a.block, a.commit)
+            if self.p.mute_deciders_ms and self.now < self.p.chaos_ms:
+                self.muted_until[pr.idx] = self.now + self.p.mute_deciders_ms
         elif isinstance(a, RecordEvidence):
             self._check_evidence(a.first, a.second)
         elif isinstance(a, CatchUp):
@@ -459,6 +516,7 @@ class Sim:
     # -- catch-up -----------------------------------------------------------------------
 
     def _catch_up(self, pr: Proc, height: int) -> None:
+        self.stats["catchups"] += 1
         sources = [q for q in self.procs if q.idx != pr.idx and q.app.height >= height
                    and q.role == HONEST]
         if not sources:
@@ -480,37 +538,95 @@ class Sim:
         cut = self.rng.randrange(0, len(others) + 1)
         return others[:cut], others[cut:]
 
-    def _byz_sign_votes(self, pr: Proc, h: int, r: int, bh: bytes, to: list[int]) -> None:
-        for kind in (PREVOTE, PRECOMMIT):
-            if (h, r, kind, bh) in pr.byz_voted:
-                continue
+    def _byz_targets(self, pr: Proc, kind: int, h: int, bh: bytes
+                     ) -> tuple[list[int], list[int]]:
+        """Who gets the Byzantine's vote for ``bh`` and who gets a nil vote instead."""
+        if not self.p.targeted or bh == NIL:
+            return self._split(pr)
+        others = self._others(pr)
+        lucky, late = self.height_roles.get(h, (-1, -1))
+        if bh != self.first_proposed.get(h):
+            return others, []  # help any other block everywhere
+        if kind == PREVOTE:  # a polka for the target everywhere but at the late one
+            return [i for i in others if i != late], [late]
+        return [lucky], [i for i in others if i != lucky]  # only the lucky one can decide
+
+    def _byz_send(self, pr: Proc, kind: int, h: int, r: int, bh: bytes,
+                  real: list[int], nil: list[int]) -> None:
+        if (h, r, kind, bh) not in pr.byz_voted:
             pr.byz_voted.add((h, r, kind, bh))
             v = Vote(kind, h, r, bh, pr.key.public_key).signed(pr.key, CHAIN_ID)
-            self.broadcast(pr.idx, ("vote", v), to)
+            self.broadcast(pr.idx, ("vote", v), real)
+        if nil and bh != NIL:
+            k = (pr.idx, kind, h, r)
+            w = self._nil_votes.get(k)
+            if w is None:
+                w = self._nil_votes[k] = Vote(kind, h, r, NIL, pr.key.public_key).signed(
+                    pr.key, CHAIN_ID)
+            self.broadcast(pr.idx, ("vote", w), nil)
 
     def _byz_propose(self, pr: Proc, prop: Proposal, block: Block) -> None:
-        """Propose two different blocks to two random halves, and vote for both."""
+        """Propose two different blocks to two groups, and vote for both."""
         alt_block = pr.app.make_block(block.header.height, block.header.time_ms,
                                       block.last_commit, extra=b"alt")
-        alt = Proposal(prop.height, prop.round, alt_block.hash(), prop.valid_round,
+        # a fresh block (valid round -1): it needs no polka, only validators' locks stop it
+        alt = Proposal(prop.height, prop.round, alt_block.hash(), -1,
                        pr.key.public_key).signed(pr.key, CHAIN_ID)
         self.proposed.add(alt_block.hash())
-        a, b = self._split(pr)
+        if self.p.targeted:
+            target = self.first_proposed.get(prop.height)
+            if target is None:
+                a, b = self._others(pr), []  # its block becomes the target X
+            else:
+                lucky = self.height_roles.get(prop.height, (-1, -1))[0]
+                b = [i for i in self._others(pr) if i != lucky]
+                a = [lucky]
+        else:
+            a, b = self._split(pr)
         self.broadcast(pr.idx, ("proposal", prop, block), a)
         self.broadcast(pr.idx, ("proposal", alt, alt_block), b)
-        self._byz_sign_votes(pr, prop.height, prop.round, prop.block_hash, a)
-        self._byz_sign_votes(pr, prop.height, prop.round, alt.block_hash, b)
+        for bh, to in ((prop.block_hash, a), (alt.block_hash, b)):
+            for kind in (PREVOTE, PRECOMMIT):
+                real, nil = self._byz_targets(pr, kind, prop.height, bh)
+                self._byz_send(pr, kind, prop.height, prop.round, bh,
+                               [i for i in real if i in to], nil)
 
     def _byz_vote(self, pr: Proc, v: Vote) -> None:
-        """Send the honest vote to some, a conflicting one (nil or the other way) to the rest."""
-        a, b = self._split(pr)
-        self.broadcast(pr.idx, ("vote", v), a)
-        if v.block_hash == NIL:
-            return
-        w = Vote(v.kind, v.height, v.round, NIL, pr.key.public_key).signed(pr.key, CHAIN_ID)
-        self.broadcast(pr.idx, ("vote", w), b)
+        """Send its core's vote to some, a conflicting nil vote to the others."""
+        real, nil = self._byz_targets(pr, v.kind, v.height, v.block_hash)
+        if v.block_hash != NIL:
+            pr.byz_voted.add((v.height, v.round, v.kind, v.block_hash))
+        self.broadcast(pr.idx, ("vote", v), real)
+        self._byz_send(pr, v.kind, v.height, v.round, v.block_hash, [], nil)
 
     def _byz_vote_for(self, pr: Proc, prop: Proposal) -> None:
-        """Prevote and precommit every proposal seen, to a random subset."""
-        a, _ = self._split(pr)
-        self._byz_sign_votes(pr, prop.height, prop.round, prop.block_hash, a)
+        """Prevote and precommit every proposal it sees (to a random subset, or all)."""
+        if self.p.byz_extra_votes == "none":
+            return
+        for kind in (PREVOTE, PRECOMMIT):
+            if self.p.targeted:
+                real, nil = self._byz_targets(pr, kind, prop.height, prop.block_hash)
+            else:
+                real = self._others(pr) if self.p.byz_extra_votes == "all" \
+                    else self._split(pr)[0]
+                nil = []
+            self._byz_send(pr, kind, prop.height, prop.round, prop.block_hash, real, nil)
+
+
+def random_params(seed: int, n: int, heights: int = 2) -> SimParams:
+    """The fault mix of one seed of the CI sweep: up to f faulty validators (equivocators and
+    twins), crash-restarts, partitions, drops, duplicates, slow links, empty-block waiting,
+    and sometimes the targeted (anti-lock) adversarial scheduler."""
+    r = random.Random(seed * 7919 + n)
+    f = (n - 1) // 3
+    byz = r.randrange(0, f + 1)
+    twins = r.randrange(0, f - byz + 1)
+    return SimParams(
+        n=n, heights=heights, byzantine=byz, twins=twins,
+        crashes=r.choice([0, 0, 1, 2]), partitions=r.choice([0, 0, 1, 2]),
+        drop=r.choice([0.0, 0.05, 0.2]), duplicate=r.choice([0.0, 0.1]),
+        max_delay=r.choice([50, 200, 600]),
+        empty_block_interval_ms=r.choice([0, 0, 0, 1500]),
+        targeted=byz > 0 and r.random() < 0.3,
+        mute_deciders_ms=r.choice([0, 0, 3000]),
+    )
