@@ -45,6 +45,22 @@ Additions around the paper's algorithm:
 * Bounded memory: messages for heights beyond height+1 are only counted (for catch-up), a few
   per validator are buffered for height+1, votes of rounds beyond round+1 keep only each
   validator's latest round.
+
+Driver contract (what a trio driver does with each action, strictly in list order):
+
+* ``Persist(snapshot)``: write it durably (e.g. ``Store.save_snapshot``, fsync) *before*
+  executing any later action; on restart pass the last written one as ``snapshot=``.
+  If the process dies between two actions, only what was executed happened.
+* ``BroadcastProposal`` / ``BroadcastVote``: gossip to every validator peer (best effort; the
+  core re-sends on its ``rebroadcast`` timer). Votes may be other validators' (relayed).
+* ``ScheduleTimeout(t, delay)``: call ``on_timeout(t, now)`` ``delay`` ms later. Never cancel:
+  stale timeouts are ignored by the core. Timers die with the process; ``start`` re-arms.
+* ``Decided(block, commit)``: the app already committed it; notify subscribers, update the
+  mempool. ``commit`` is the certificate to serve with the block.
+* ``RecordEvidence(a, b)``: store it (``Store.add_evidence``).
+* ``CatchUp(h)``: fetch committed block ``h`` (and later ones) with certificates from peers and
+  feed each to ``on_certified_block`` in height order; it may be emitted again while behind.
+* Call ``on_txs_available`` when the mempool goes from empty to non-empty.
 """
 
 from __future__ import annotations
@@ -71,6 +87,7 @@ __all__ = [
     "ScheduleTimeout",
     "SignatureCache",
     "Timeout",
+    "decode_snapshot_height",
     "STEP_WAIT_TXS",
     "STEP_PROPOSE",
     "STEP_PREVOTE",
