@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ledger.codec import EMPTY_HASH, hash_bytes, hash_value
+from ledger.codec import EMPTY_HASH, hash_bytes, hash_value, unpack
 from ledger.consensus import (
     Action,
     BroadcastProposal,
@@ -452,7 +452,8 @@ class Sim:
             pr.wal = a.snapshot
         elif isinstance(a, BroadcastProposal):
             self._check_signed(pr, a.proposal.proposer, a.proposal.height, a.proposal.round, 0,
-                               (a.proposal.block_hash, a.proposal.valid_round))
+                               (a.proposal.block_hash, a.proposal.valid_round),
+                               a.proposal.to_wire())
             self.proposed.add(a.block.hash())
             if pr.role == BYZANTINE:
                 self._byz_propose(pr, a.proposal, a.block)
@@ -460,7 +461,8 @@ class Sim:
                 self.broadcast(pr.idx, ("proposal", a.proposal, a.block))
         elif isinstance(a, BroadcastVote):
             v = a.vote
-            self._check_signed(pr, v.validator, v.height, v.round, v.kind, (v.block_hash,))
+            self._check_signed(pr, v.validator, v.height, v.round, v.kind, (v.block_hash,),
+                               v.to_wire())
             if pr.role == BYZANTINE and v.validator == pr.key.public_key:
                 self._byz_vote(pr, v)
             else:
@@ -482,12 +484,22 @@ class Sim:
     # -- invariants ---------------------------------------------------------------------
 
     def _check_signed(self, pr: Proc, signer: bytes, h: int, r: int, kind: int,
-                      content: tuple[Any, ...]) -> None:
+                      content: tuple[Any, ...], wire: list[Any]) -> None:
         if pr.role != HONEST or signer != pr.key.public_key:
             return
         k = (signer, h, r, "proposal" if kind == 0 else str(kind))
-        prev = self.signed.setdefault(k, content)
-        if prev != content:
+        prev = self.signed.get(k)
+        if prev is None:
+            self.signed[k] = content
+            # sign-before-send: the last executed Persist already holds this message
+            snap = unpack(pr.wal) if pr.wal is not None else None
+            held = snap is not None and snap[3] == h and (
+                wire in snap[9] if kind else snap[10] is not None and snap[10][0] == wire)
+            # (a height the app already committed is final: the core may relay its own
+            # precommit from that block's certificate even if a crash lost the Persist)
+            if not held and h > pr.app.height:
+                raise self.fail(f"validator {pr.idx} broadcast {k[1:]} before persisting it")
+        elif prev != content:
             raise self.fail(f"double sign by honest validator {pr.idx} at {k[1:]}: "
                             f"{prev!r} then {content!r}")
 
