@@ -232,7 +232,7 @@ class SignatureCache:
     cores in one process (the simulator does) changes nothing but the CPU spent.
     """
 
-    def __init__(self, max_entries: int = 50_000) -> None:
+    def __init__(self, max_entries: int = 20_000) -> None:
         self._max = max_entries
         self._ok: dict[tuple[str, Vote | Proposal], None] = {}
 
@@ -381,6 +381,7 @@ class Consensus:
         self._valid_cache: dict[bytes, bool] = {}
         self._votes: dict[tuple[int, int], _RoundVotes] = {}
         self._ahead_votes: dict[bytes, tuple[int, list[Vote]]] = {}
+        self._ahead_proposals: dict[bytes, tuple[Proposal, Block]] = {}
         self._max_round: dict[bytes, int] = {}
         self._evidence_seen: set[tuple[bytes, int, int]] = set()
         self._prevote_timer_rounds: set[int] = set()
@@ -562,9 +563,13 @@ class Consensus:
         """A committed block for our current height, fetched during catch-up.
 
         Blocks for other heights are ignored. Raises :class:`VerificationError` if ``commit``
-        is not a valid certificate of ``block`` and :class:`InvalidBlock` if the app rejects a
-        certified block (then more than a third of the validators are faulty, or the app is).
+        is not a valid certificate of ``block`` (the same checks as ``Commit.verify``, through
+        the signature cache), :class:`InvalidBlock` if the app rejects a certified block (then
+        more than a third of the validators are faulty, or the app is), and
+        :class:`LocalProtocolError` before ``start``.
         """
+        if not self._started:
+            raise LocalProtocolError("call Consensus.start before feeding it blocks")
         acts: list[Action] = []
         if block.header.height != self._height or commit.height != self._height:
             return acts
@@ -723,6 +728,10 @@ class Consensus:
                 del self._ahead_votes[val]
                 for v in vs:
                     self._store_vote(v, now, acts)
+        for val, (p, b) in list(self._ahead_proposals.items()):
+            if p.round <= r + 1:
+                del self._ahead_proposals[val]
+                self._store_proposal(p, b)
         if self._me is not None and self._vals.proposer(self._height, r) == self._me:
             self._propose(r, now, acts)
         else:
@@ -797,8 +806,11 @@ class Consensus:
         sp = self._signed_proposal
         if sp is not None and sp[0].round == self._round:
             acts.append(BroadcastProposal(sp[0], sp[1]))
-        for _, v in sorted(self._signed_votes.items()):
-            acts.append(BroadcastVote(v))
+        for (r, kind), v in sorted(self._signed_votes.items()):
+            # the last two rounds help others catch up on rounds; an older precommit for a
+            # block may still complete that round's decision somewhere
+            if r >= self._round - 1 or (kind == PRECOMMIT and v.block_hash != NIL):
+                acts.append(BroadcastVote(v))
         self._relay_polka(acts)
         lc = self._last_commit
         if lc is not None:
@@ -970,8 +982,11 @@ class Consensus:
         if any(q == p for q, _ in props):
             return
         if p.round > self._round + 1:
-            if p.round > self._max_round.get(p.proposer, -1) and (
+            # keep only each proposer's latest such proposal; a round skip may reach it
+            ahead = self._ahead_proposals.get(p.proposer)
+            if (ahead is None or ahead[0].round < p.round) and (
                     verified or self._verify_proposal(p)):
+                self._ahead_proposals[p.proposer] = (p, block)
                 self._note_round(p.proposer, p.round)
                 self._wake(p.proposer, now, acts)
             return
