@@ -335,7 +335,7 @@ class Consensus:
         self._ahead_height: dict[bytes, int] = {}
         # memos keyed by object identity; each entry holds its object so the id stays unique
         self._hash_memo: dict[int, tuple[Block, bytes]] = {}
-        self._encode_memo: tuple[Block, bytes] | None = None
+        self._encode_memo: dict[int, tuple[Block, bytes]] = {}
         self._reset_height()
         self._resumed = False
         if snapshot is not None:
@@ -396,27 +396,46 @@ class Consensus:
     # -- snapshot (WAL) ------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The signer-guard record: what a restarted core needs to never equivocate."""
+        """The signer-guard record: what a restarted core needs to never equivocate.
+
+        Canonical msgpack: [domain, version, chain_id, height, round, locked_round, locked_ref,
+        valid_round, valid_ref, [signed votes], [signed proposal, block_ref] | None,
+        last_commit | None, [encoded blocks]] where a ``*_ref`` indexes the block list (-1:
+        none), so the block that is usually locked, valid and proposed is written once.
+        """
+        blocks: list[Block] = []
+
+        def ref(block: Block | None) -> int:
+            if block is None:
+                return -1
+            for i, b in enumerate(blocks):
+                if b is block or self._hash(b) == self._hash(block):
+                    return i
+            blocks.append(block)
+            return len(blocks) - 1
+
         prop = self._signed_proposal
-        return pack([
+        fields = [
             SNAPSHOT_DOMAIN,
             SNAPSHOT_VERSION,
             self._chain_id,
             self._height,
             self._round,
             self._locked_round,
-            None if self._locked_block is None else self._encoded(self._locked_block),
+            ref(self._locked_block),
             self._valid_round,
-            None if self._valid_block is None else self._encoded(self._valid_block),
+            ref(self._valid_block),
             [v.to_wire() for _, v in sorted(self._signed_votes.items())],
-            None if prop is None else [prop[0].to_wire(), self._encoded(prop[1])],
+            None if prop is None else [prop[0].to_wire(), ref(prop[1])],
             None if self._last_commit is None else self._last_commit.to_wire(),
-        ])
+        ]
+        fields.append([self._encoded(b) for b in blocks])
+        return pack(fields)
 
     def _restore(self, data: bytes) -> None:
         try:
             f = unpack(data)
-            if not (isinstance(f, list) and len(f) == 12 and f[0] == SNAPSHOT_DOMAIN):
+            if not (isinstance(f, list) and len(f) == 13 and f[0] == SNAPSHOT_DOMAIN):
                 raise MalformedFrame("not a consensus snapshot")
             if f[1] != SNAPSHOT_VERSION:
                 raise MalformedFrame(f"unsupported consensus snapshot version {f[1]!r}")
@@ -436,15 +455,28 @@ class Consensus:
                 self._last_commit = last_commit
             if height < self._height:
                 return  # a record of a decided height: nothing to guard any more
-            locked = None if f[6] is None else _decode_block(f[6])
-            valid = None if f[8] is None else _decode_block(f[8])
+            if not isinstance(f[12], list):
+                raise MalformedFrame("consensus snapshot: bad block list")
+            blocks = [_decode_block(b) for b in f[12]]
+
+            def deref(i: Any) -> Block | None:
+                if not isinstance(i, int) or not -1 <= i < len(blocks):
+                    raise MalformedFrame("consensus snapshot: bad block reference")
+                return None if i == -1 else blocks[i]
+
+            locked, valid = deref(f[6]), deref(f[8])
+            if not isinstance(f[9], list):
+                raise MalformedFrame("consensus snapshot: bad votes")
             votes = [Vote.from_wire(v) for v in f[9]]
             prop = None
             if f[10] is not None:
                 pw = f[10]
                 if not (isinstance(pw, list) and len(pw) == 2):
                     raise MalformedFrame("consensus snapshot: bad proposal")
-                prop = (Proposal.from_wire(pw[0]), _decode_block(pw[1]))
+                pblock = deref(pw[1])
+                if pblock is None:
+                    raise MalformedFrame("consensus snapshot: proposal without block")
+                prop = (Proposal.from_wire(pw[0]), pblock)
             lr, vr = f[5], f[7]
             if not (isinstance(lr, int) and isinstance(vr, int)) \
                     or (lr >= 0) != (locked is not None) or (vr >= 0) != (valid is not None):
@@ -455,14 +487,12 @@ class Consensus:
         self._round = round_
         self._locked_round, self._locked_block = lr, locked
         self._valid_round, self._valid_block = vr, valid
-        for b in (locked, valid):
-            if b is not None:
-                self._blocks[self._hash(b)] = b
+        for b in blocks:
+            self._blocks[self._hash(b)] = b
         for v in votes:
             self._signed_votes[(v.round, v.kind)] = v
         if prop is not None:
             self._signed_proposal = prop
-            self._blocks[self._hash(prop[1])] = prop[1]
 
     def _hash(self, block: Block) -> bytes:
         """block.hash(), remembered per block object (gossip hands us the same one often)."""
@@ -476,10 +506,14 @@ class Consensus:
         return h
 
     def _encoded(self, block: Block) -> bytes:
-        e = self._encode_memo
-        if e is None or e[0] is not block:
-            e = self._encode_memo = (block, block.encode())
-        return e[1]
+        e = self._encode_memo.get(id(block))
+        if e is not None and e[0] is block:
+            return e[1]
+        if len(self._encode_memo) >= 8:
+            self._encode_memo.clear()
+        data = block.encode()
+        self._encode_memo[id(block)] = (block, data)
+        return data
 
     def _persist(self, acts: list[Action]) -> None:
         acts.append(Persist(self.snapshot()))
@@ -1026,7 +1060,7 @@ def decode_snapshot_height(data: bytes) -> int:
     Raises :class:`MalformedFrame` if ``data`` is not a consensus snapshot.
     """
     f: Any = unpack(data)
-    if not (isinstance(f, list) and len(f) == 12 and f[0] == SNAPSHOT_DOMAIN
+    if not (isinstance(f, list) and len(f) == 13 and f[0] == SNAPSHOT_DOMAIN
             and isinstance(f[3], int)):
         raise MalformedFrame("not a consensus snapshot")
     return int(f[3])
