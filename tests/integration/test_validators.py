@@ -1,40 +1,201 @@
-"""Real validator processes on 127.0.0.1: commits, fault tolerance, catch-up, crash safety."""
+"""Real validator processes on 127.0.0.1: commits, fault tolerance, catch-up, crash safety.
+
+Every wait is a bounded poll of what the validators report (heights via ``status``, blocks
+via ``block``); halting is shown by heights that stay put over an observation window several
+round timeouts long.
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
+import trio
 
+from ledger import keyspace
+from ledger.client import LedgerClient
+from ledger.codec import unpack
+from ledger.errors import InvalidTx
 from ledger.keys import KeyPair
+from ledger.store import Store
+from ledger.types import PRECOMMIT, Vote
 from tests.conftest import FUNDS, Cluster, RawClient, poll, transfer
 
 pytestmark = pytest.mark.slow
+
+# With the fast test timeouts a round takes about 1 s; six rounds' worth without a new
+# height is a halt, not a slow round.
+HALT_WINDOW_S = 6.0
+
+
+async def heights(c: Cluster, which: list[int]) -> list[int]:
+    return [await c.height(i) for i in which]
+
+
+async def assert_same_chain(c: Cluster, which: list[int], upto: int) -> None:
+    """Every validator in ``which`` holds the same block hash at every height 1..upto."""
+    for h in range(1, upto + 1):
+        hashes = {await c.block_hash(i, h) for i in which}
+        assert len(hashes) == 1, f"validators disagree at height {h}"
 
 
 async def test_four_validators_commit_transfers(
     cluster_factory: Callable[..., Cluster], funded: list[KeyPair]
 ) -> None:
     c = cluster_factory(4, accounts=[(k.public_key, FUNDS) for k in funded])
+    alice, bob, carol = funded[0], funded[1], funded[2]
+    async with LedgerClient(c.genesis, c.addrs) as client:
+        outcomes = []
+        for i in range(3):
+            outcomes.append(await client.submit_and_wait(
+                transfer(alice, bob.public_key, 1000 + i, i), timeout_s=20))
+        # submitted to another validator than the first one: tx gossip reaches the proposer
+        async with LedgerClient(c.genesis, [c[3].addr]) as other:
+            outcomes.append(await other.submit_and_wait(
+                transfer(carol, bob.public_key, 7, 0), timeout_s=20))
+        assert [o.code for o in outcomes] == ["ok"] * 4
+        value, _ = await client.query(keyspace.account(bob.public_key))
+        assert value is not None
+        assert unpack(value)["balance"] == FUNDS + 1000 + 1001 + 1002 + 7
+        assert await client.next_nonce(alice.public_key) == 3
+
+    top = min(await heights(c, [0, 1, 2, 3]))
+    await assert_same_chain(c, [0, 1, 2, 3], top)
+
+
+async def test_tolerates_one_down_halts_with_two_down_and_catches_up(
+    cluster_factory: Callable[..., Cluster], funded: list[KeyPair]
+) -> None:
+    c = cluster_factory(4, accounts=[(k.public_key, FUNDS) for k in funded])
     alice, bob = funded[0], funded[1]
+    await c.wait_height(0, 2)
+
+    # One of four down: the other three keep committing transfers.
+    c.stop(3)
     client = await RawClient.connect(c[0].addr)
-    hashes = [await client.submit(transfer(alice, bob.public_key, 1000 + i, i)) for i in range(5)]
-    await client.aclose()
+    try:
+        start = await c.height(0)
+        for nonce in range(3):
+            await client.submit(transfer(alice, bob.public_key, 10, nonce))
+        for i in (0, 1, 2):
+            await c.wait_height(i, start + 2)
 
-    async def all_in() -> bool:
-        from ledger import keyspace
-        from ledger.codec import unpack
+        async def nonce_is(n: int) -> bool:
+            res = await client.call("query", {"key": keyspace.account(alice.public_key)})
+            return bool(unpack(res["value"])["nonce"] == n)
 
-        for i in range(4):
-            for h in hashes:
-                client = await RawClient.connect(c[i].addr)
-                try:
-                    res = await client.call("query", {"key": keyspace.tx_result(h), "height": 0})
-                finally:
-                    await client.aclose()
-                if res["value"] is None:
-                    return False
-                assert unpack(res["value"])["code"] == "ok"
-        return True
+        await poll(lambda: nonce_is(3), timeout_s=30, what="3 transfers with one validator down")
 
-    await poll(all_in, timeout_s=30, what="5 transfers committed on all validators")
+        # Two of four down: no quorum, so no new height, even with a tx waiting.
+        c.stop(2)
+
+        async def settled() -> bool:
+            a, b = await heights(c, [0, 1])
+            return a == b
+
+        await poll(settled, timeout_s=10, what="the two survivors to agree on a height")
+        halted_at = await c.height(0)
+        await client.submit(transfer(alice, bob.public_key, 10, 3))
+        deadline = trio.current_time() + HALT_WINDOW_S
+        while trio.current_time() < deadline:
+            assert await heights(c, [0, 1]) == [halted_at, halted_at], "committed without quorum"
+            await trio.sleep(0.2)
+        assert (await c.status(0))["mempool"] == 1
+    finally:
+        await client.aclose()
+    await assert_same_chain(c, [0, 1], halted_at)
+
+    # Both come back: they catch up and the chain moves on (the waiting tx commits).
+    c.start(2)
+    c.start(3)
+    for i in range(4):
+        await c.wait_height(i, halted_at + 2, timeout_s=60)
+    client = await RawClient.connect(c[2].addr)
+    try:
+        await poll(lambda: _nonce_at(client, alice, 4), timeout_s=30, what="the waiting tx")
+    finally:
+        await client.aclose()
+    top = min(await heights(c, [0, 1, 2, 3]))
+    await assert_same_chain(c, [0, 1, 2, 3], top)
+
+
+async def _nonce_at(client: RawClient, who: KeyPair, n: int) -> bool:
+    res = await client.call("query", {"key": keyspace.account(who.public_key)})
+    return bool(unpack(res["value"])["nonce"] >= n)
+
+
+async def test_kill9_never_double_signs_and_keeps_committed_blocks(
+    cluster_factory: Callable[..., Cluster], funded: list[KeyPair]
+) -> None:
+    c = cluster_factory(4, accounts=[(k.public_key, FUNDS) for k in funded],
+                        empty_block_interval_ms=0)
+    victim = 1
+    rng = random.Random(1234)
+    print("seed 1234")
+    await c.wait_height(0, 2)
+    survivors = [0, 2, 3]
+    kept: dict[int, bytes] = {}
+
+    async def load(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep transfers flowing (to the survivors) so that kills land mid-height."""
+        senders = funded[:4]
+        nonces = [0] * len(senders)
+        clients = [await RawClient.connect(c[i].addr) for i in survivors]
+        task_status.started()
+        try:
+            while True:
+                for j, s in enumerate(senders):
+                    try:
+                        await clients[j % len(clients)].submit(
+                            transfer(s, funded[7].public_key, 1, nonces[j]))
+                        nonces[j] += 1
+                    except InvalidTx:
+                        pass  # e.g. a nonce raced ahead of a recheck; the next one fixes it
+                await trio.sleep(0.01)
+        finally:
+            with trio.CancelScope(shield=True):  # close them all even though we are cancelled
+                for cl in clients:
+                    await cl.aclose()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load)
+        for _ in range(3):
+            await trio.sleep(rng.uniform(0.2, 1.5))  # a random moment, not an assertion
+            before = await c.height(victim)
+            for h in range(max(1, before - 3), before + 1):
+                kept[h] = await c.block_hash(victim, h)
+            c.kill(victim)
+            base = max(await heights(c, survivors))
+            for i in survivors:
+                await c.wait_height(i, base + 2)
+            c.start(victim)
+            # restarted from its store: every block it had committed is still there
+            for h, bh in kept.items():
+                assert await c.block_hash(victim, h) == bh
+            target = max(await heights(c, survivors))
+            await c.wait_height(victim, target + 1, timeout_s=60)
+        nursery.cancel_scope.cancel()
+
+    top = min(await heights(c, [0, 1, 2, 3]))
+    await assert_same_chain(c, [0, 1, 2, 3], top)
+    c.stop_all()
+    for v in c.validators:
+        with Store(v.home / "ledger.sqlite") as store:
+            assert store.evidence() == [], f"{v.name} recorded equivocation"
+            # the victim's committed blocks survived every kill -9
+            for h, bh in kept.items():
+                blk = store.block(h)
+                assert blk is not None
+                assert blk.hash() == bh
+            assert store.height() >= top
+    # Double signing would also show as two precommits of the victim in the certificates:
+    # each height has exactly one block, so one commit per height is the whole story.
+    with Store(c[0].home / "ledger.sqlite") as store:
+        for h in range(1, top + 1):
+            commit = store.commit(h)
+            assert commit is not None
+            signers = [k for k, _ in commit.signatures]
+            assert len(signers) == len(set(signers))
+            for k, sig in commit.signatures:
+                Vote(PRECOMMIT, h, commit.round, commit.block_hash, k, sig).verify(c.genesis.chain_id)
