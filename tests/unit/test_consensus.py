@@ -681,3 +681,55 @@ def test_next_height_messages_are_buffered_and_replayed() -> None:
         prevotes = [v for v in votes_in(acts) if v.height == 2 and v.kind == PREVOTE]
         assert prevotes
         assert prevotes[0].block_hash == nxt.hash()
+
+
+# ------------------------------------------------------------------ snapshot format, followers
+
+
+@pytest.mark.parametrize(
+    ("desc", "mutate"),
+    [
+        ("other chain", lambda f: f.__setitem__(2, "other-chain")),
+        ("future version", lambda f: f.__setitem__(1, 99)),
+        ("bad block reference", lambda f: f.__setitem__(6, 7)),
+        ("lock without block", lambda f: f.__setitem__(5, 3)),
+        ("truncated", lambda f: f.pop()),
+    ],
+)
+def test_malformed_snapshots_are_refused(desc: str, mutate: object) -> None:
+    from ledger.codec import pack, unpack
+
+    pidx = VALS.members.index(VALS.proposer(1, 0))
+    c, _ = core_for(pidx)
+    fields = unpack(last_snapshot(c.start(0)))
+    mutate(fields)  # type: ignore[operator]
+    with pytest.raises(LocalProtocolError):
+        core_for(pidx, snapshot=pack(fields))
+
+
+def test_snapshot_holds_each_block_once() -> None:
+    from ledger.codec import unpack
+
+    pidx = VALS.members.index(VALS.proposer(1, 0))
+    c, _ = core_for(pidx)
+    acts = c.start(0)
+    bh = next(a for a in acts if isinstance(a, BroadcastProposal)).block.hash()
+    rest = [j for j in range(4) if j != pidx]
+    acts = feed_votes(c, rest[:2], PREVOTE, 1, 0, bh)  # locks: locked = valid = proposed
+    fields = unpack(last_snapshot(acts))
+    assert (fields[5], fields[6], fields[7], fields[8]) == (0, 0, 0, 0)
+    assert len(fields[12]) == 1
+
+
+def test_a_follower_decides_without_signing() -> None:
+    app = App(b"")
+    c = Consensus(chain_id=CHAIN, validators=VALS, key=None, app=app, config=CFG, height=1,
+                  last_block_time_ms=0)
+    acts = c.start(0)
+    block = make_block(1, 5, VALS.proposer(1, 0))
+    acts += c.on_proposal(proposal(1, 0, block), block, 1)
+    acts += feed_votes(c, [0, 1, 2], PREVOTE, 1, 0, block.hash())
+    acts += feed_votes(c, [0, 1, 2], PRECOMMIT, 1, 0, block.hash())
+    assert not any(isinstance(a, (Persist, BroadcastVote, BroadcastProposal)) for a in acts)
+    assert [a.block for a in acts if isinstance(a, Decided)] == [block]
+    assert c.height == 2
