@@ -160,13 +160,14 @@ async def test_frames_that_are_not_requests(running: Running, message: Any) -> N
 async def test_bad_requests_are_refused_but_keep_the_connection(running: Running) -> None:
     client = await RawClient.connect(running.addr)
     try:
-        for method, params, code in [
+        cases: list[tuple[str, dict[str, Any], str]] = [
             ("no_such_method", {}, "unknown_method"),
             ("block", {"height": -1}, "bad_request"),
             ("block", {"height": running.height + 100}, "not_found"),
             ("query", {"key": "not bytes"}, "bad_request"),
             ("query", {"key": b"x", "height": running.height + 100}, "not_found"),
-        ]:
+        ]
+        for method, params, code in cases:
             with pytest.raises(ApiError) as info:
                 await client.call(method, params)
             assert info.value.code == code
