@@ -66,7 +66,8 @@ from ledger.wire import encode_frame
 log = logging.getLogger("ledger.node")
 
 KEEP_STATES = 16  # recent heights whose state can be queried with proofs
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 1024  # inbound; our own dials to validators do not count
+FIRST_FRAME_TIMEOUT_S = 30.0  # an inbound connection that says nothing is closed
 MAX_KEY_SUBSCRIPTIONS = 1024  # per connection
 MAX_QUERY_KEY = 1024
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -282,7 +283,7 @@ class Node:
         )
         self.peers: dict[bytes, list[Connection]] = {}
         self.peer_heights: dict[bytes, int] = {}
-        self.connections = 0
+        self.inbound = 0
         self.header_subs: set[Connection] = set()
         self.key_subs: dict[bytes, set[Connection]] = {}
         self._conn_keys: dict[Connection, set[bytes]] = {}
@@ -475,8 +476,8 @@ class Node:
             remote = format_hostport((str(peer[0]), int(peer[1])))
         except OSError:
             remote = "?"
-        if self.connections >= MAX_CONNECTIONS:
-            log.warning("refusing %s: %d connections open", remote, self.connections)
+        if self.inbound >= MAX_CONNECTIONS:
+            log.warning("refusing %s: %d inbound connections open", remote, self.inbound)
             await stream.aclose()
             return
         await self._run_connection(stream, remote, outbound=False)
@@ -506,7 +507,8 @@ class Node:
     async def _run_connection(self, stream: trio.SocketStream, remote: str, *, outbound: bool) -> None:
         """Serve one connection until it closes. Re-raises :class:`SelfConnection` (dialer)."""
         conn = Connection(stream, remote=remote)
-        self.connections += 1
+        if not outbound:
+            self.inbound += 1
         is_self = False
         try:
             async with trio.open_nursery() as nursery:
@@ -521,7 +523,8 @@ class Node:
                     conn.send({"error": {"code": error_code(exc), "message": str(exc)}})
                 await conn.flush_and_close()
         finally:
-            self.connections -= 1
+            if not outbound:
+                self.inbound -= 1
             self._forget(conn)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -536,7 +539,9 @@ class Node:
                 raise RemoteProtocolError("handshake timed out")
             await self._serve_validator(conn, key)
             return
-        first = await conn.receive()
+        first = None
+        with trio.move_on_after(FIRST_FRAME_TIMEOUT_S):
+            first = await conn.receive()
         if first is None:
             return
         if isinstance(first, dict) and "hello" in first:

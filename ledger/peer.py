@@ -68,7 +68,7 @@ class Connection:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         *,
         remote: str,
         max_frame: int = api.CLIENT_MAX_FRAME,
@@ -111,7 +111,7 @@ class Connection:
                 return None
             if not data:
                 return None
-            self._decoder.receive_data(data)
+            self._decoder.receive_data(bytes(data))
 
     # -- sending -------------------------------------------------------------------------------
 
