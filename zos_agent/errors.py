@@ -26,3 +26,8 @@ class ImageError(RuntimeFailure):
 class NetworkError(RuntimeFailure):
     """Host networking for a container could not be set up or torn down (iproute2/iptables
     failed or timed out, no free address or port)."""
+
+
+class InvalidSpec(AgentError):
+    """A container spec cannot be run as given: malformed workload id or image reference, empty
+    command, non-positive limits, bad port numbers, an env name that is not a valid name."""
