@@ -400,8 +400,11 @@ class Consensus:
 
         Canonical msgpack: [domain, version, chain_id, height, round, locked_round, locked_ref,
         valid_round, valid_ref, [signed votes], [signed proposal, block_ref] | None,
-        last_commit | None, [encoded blocks]] where a ``*_ref`` indexes the block list (-1:
-        none), so the block that is usually locked, valid and proposed is written once.
+        last_commit | None, [encoded blocks], [polka]] where a ``*_ref`` indexes the block
+        list (-1: none), so the block that is usually locked, valid and proposed is written
+        once, and ``polka`` holds the 2f+1 prevotes that justify the valid block: after a
+        restart the core must still be able to show them to validators locked elsewhere
+        (some may come from a Byzantine validator that will not send them again).
         """
         blocks: list[Block] = []
 
@@ -430,12 +433,13 @@ class Consensus:
             None if self._last_commit is None else self._last_commit.to_wire(),
         ]
         fields.append([self._encoded(b) for b in blocks])
+        fields.append([v.to_wire() for v in self._polka()])
         return pack(fields)
 
     def _restore(self, data: bytes) -> None:
         try:
             f = unpack(data)
-            if not (isinstance(f, list) and len(f) == 13 and f[0] == SNAPSHOT_DOMAIN):
+            if not (isinstance(f, list) and len(f) == 14 and f[0] == SNAPSHOT_DOMAIN):
                 raise MalformedFrame("not a consensus snapshot")
             if f[1] != SNAPSHOT_VERSION:
                 raise MalformedFrame(f"unsupported consensus snapshot version {f[1]!r}")
@@ -465,9 +469,10 @@ class Consensus:
                 return None if i == -1 else blocks[i]
 
             locked, valid = deref(f[6]), deref(f[8])
-            if not isinstance(f[9], list):
+            if not (isinstance(f[9], list) and isinstance(f[13], list)):
                 raise MalformedFrame("consensus snapshot: bad votes")
             votes = [Vote.from_wire(v) for v in f[9]]
+            polka = [Vote.from_wire(v) for v in f[13]]
             prop = None
             if f[10] is not None:
                 pw = f[10]
@@ -493,6 +498,9 @@ class Consensus:
             self._signed_votes[(v.round, v.kind)] = v
         if prop is not None:
             self._signed_proposal = prop
+        for v in polka:
+            if v.height == self._height and self._verify_vote(v):
+                self._store_vote(v, 0, [])
 
     def _hash(self, block: Block) -> bytes:
         """block.hash(), remembered per block object (gossip hands us the same one often)."""
@@ -857,21 +865,23 @@ class Consensus:
         if len(self._ahead_height) >= self._f1:
             acts.append(CatchUp(self._height))
 
+    def _polka(self) -> list[Vote]:
+        """Others' prevotes for our valid block in its round (the polka that justifies it)."""
+        vb = self._valid_block
+        if vb is None:
+            return []
+        rv = self._votes.get((self._valid_round, PREVOTE))
+        if rv is None:
+            return []
+        return [v for v in rv.by_hash.get(self._hash(vb), {}).values() if v.validator != self._me]
+
     def _relay_polka(self, acts: list[Action]) -> None:
         """Re-send the 2f+1 prevotes that justify our valid block (some may come from a
         Byzantine validator that sent them to us only). Without this relay, validators locked in
         later rounds could never be shown why to prevote our validValue: the paper assumes
         that correct processes relay what they receive."""
-        vb = self._valid_block
-        if vb is None:
-            return
-        bh = self._hash(vb)
-        rv = self._votes.get((self._valid_round, PREVOTE))
-        if rv is None:
-            return
-        for v in rv.by_hash.get(bh, {}).values():
-            if v.validator != self._me:
-                acts.append(BroadcastVote(v))
+        for v in self._polka():
+            acts.append(BroadcastVote(v))
 
     def _check_catchup(self, acts: list[Action]) -> None:
         # f+1 validators (so at least one honest) two or more heights ahead: at least our
@@ -1060,7 +1070,7 @@ def decode_snapshot_height(data: bytes) -> int:
     Raises :class:`MalformedFrame` if ``data`` is not a consensus snapshot.
     """
     f: Any = unpack(data)
-    if not (isinstance(f, list) and len(f) == 13 and f[0] == SNAPSHOT_DOMAIN
+    if not (isinstance(f, list) and len(f) == 14 and f[0] == SNAPSHOT_DOMAIN
             and isinstance(f[3], int)):
         raise MalformedFrame("not a consensus snapshot")
     return int(f[3])

@@ -733,3 +733,25 @@ def test_a_follower_decides_without_signing() -> None:
     assert not any(isinstance(a, (Persist, BroadcastVote, BroadcastProposal)) for a in acts)
     assert [a.block for a in acts if isinstance(a, Decided)] == [block]
     assert c.height == 2
+
+
+def test_restart_keeps_the_polka_that_justifies_the_valid_block() -> None:
+    """After a crash the validator must still be able to show validators locked elsewhere
+    the 2f+1 prevotes for its valid block: they may include a Byzantine prevote nobody else
+    has, and without them its re-proposal could never be accepted."""
+    i = VALS.members.index(VALS.proposer(1, 1))
+    c, app = core_for(i)
+    c.start(0)
+    x = make_block(1, 5, VALS.proposer(1, 0), tag=b"X")
+    c.on_proposal(proposal(1, 0, x), x, 1)
+    rest = [j for j in range(4) if j != i]
+    snap = last_snapshot(feed_votes(c, rest[:2], PREVOTE, 1, 0, x.hash()))
+    c2, _ = core_for(i, snapshot=snap, app=app)
+    c2.start(10)
+    feed_votes(c2, rest[:2], PRECOMMIT, 1, 0, NIL)
+    acts = c2.on_timeout(Timeout(1, 0, "precommit"), 3000)
+    prop = next(a for a in acts if isinstance(a, BroadcastProposal))
+    assert (prop.proposal.valid_round, prop.block.hash()) == (0, x.hash())
+    relayed = {v.validator for v in votes_in(acts) if (v.round, v.kind) == (0, PREVOTE)
+               and v.block_hash == x.hash()}
+    assert relayed >= {VALS.members[j] for j in rest[:2]}
