@@ -175,6 +175,7 @@ class SimParams:
     # (then it only splits its own votes: the real one to some, a nil vote to the others)
     byz_extra_votes: str = "subset"
     drop: float = 0.0
+    steady_drop: float = 0.0  # loss that goes on after the chaos period (rebroadcast copes)
     duplicate: float = 0.0
     min_delay: int = 1
     max_delay: int = 200
@@ -329,7 +330,7 @@ class Sim:
         if src == dst or self._cut(src, dst):
             return
         chaos = self.now < self.p.chaos_ms
-        if chaos and self.rng.random() < self.p.drop:
+        if self.rng.random() < (self.p.drop if chaos else self.p.steady_drop):
             return
         delay = self._delay()
         if chaos and self.p.targeted:
@@ -636,7 +637,8 @@ def random_params(seed: int, n: int, heights: int = 2) -> SimParams:
     return SimParams(
         n=n, heights=heights, byzantine=byz, twins=twins,
         crashes=r.choice([0, 0, 1, 2]), partitions=r.choice([0, 0, 1, 2]),
-        drop=r.choice([0.0, 0.05, 0.2]), duplicate=r.choice([0.0, 0.1]),
+        drop=r.choice([0.0, 0.05, 0.2]), steady_drop=r.choice([0.0, 0.0, 0.1]),
+        duplicate=r.choice([0.0, 0.1]),
         max_delay=r.choice([50, 200, 600]),
         empty_block_interval_ms=r.choice([0, 0, 0, 1500]),
         targeted=byz > 0 and r.random() < 0.3,
