@@ -112,6 +112,7 @@ _NEXT_HEIGHT_PER_VALIDATOR = 4  # buffered votes per validator for height + 1
 _NEXT_HEIGHT_PROPOSALS = 2  # buffered proposals for height + 1
 _AHEAD_ROUND_PER_VALIDATOR = 4  # votes kept of a validator's latest round beyond round + 1
 _PROPOSALS_PER_ROUND = 2  # distinct proposals kept per round (an equivocating proposer)
+_RECHECK_INVALID_MS = 1000  # how long an invalid verdict on a block is trusted
 
 
 class App(Protocol):
@@ -378,7 +379,7 @@ class Consensus:
         self._valid_block: Block | None = None
         self._proposals: dict[int, list[tuple[Proposal, Block]]] = {}
         self._blocks: dict[bytes, Block] = {}
-        self._valid_cache: dict[bytes, bool] = {}
+        self._valid_cache: dict[bytes, tuple[bool, int]] = {}
         self._votes: dict[tuple[int, int], _RoundVotes] = {}
         self._ahead_votes: dict[bytes, tuple[int, list[Vote]]] = {}
         self._ahead_proposals: dict[bytes, tuple[Proposal, Block]] = {}
@@ -634,17 +635,20 @@ class Consensus:
         )
 
     def _valid(self, block: Block, now_ms: int) -> bool:
+        """valid(v) of the paper: App.validate, remembered per block. A "no" is asked again
+        after a second: time rules (a block from a proposer whose clock runs ahead) can flip."""
         h = self._hash(block)
-        ok = self._valid_cache.get(h)
-        if ok is None:
-            ok = block.header.height == self._height and block.header.chain_id == self._chain_id
-            if ok:
-                try:
-                    block.check_shape()
-                except VerificationError:
-                    ok = False
-            ok = ok and bool(self._app.validate(block, now_ms))
-            self._valid_cache[h] = ok
+        cached = self._valid_cache.get(h)
+        if cached is not None and (cached[0] or now_ms - cached[1] < _RECHECK_INVALID_MS):
+            return cached[0]
+        ok = block.header.height == self._height and block.header.chain_id == self._chain_id
+        if ok:
+            try:
+                block.check_shape()
+            except VerificationError:
+                ok = False
+        ok = ok and bool(self._app.validate(block, now_ms))
+        self._valid_cache[h] = (ok, now_ms)
         return ok
 
     def _votes_at(self, round_: int, kind: int) -> _RoundVotes:

@@ -755,3 +755,21 @@ def test_restart_keeps_the_polka_that_justifies_the_valid_block() -> None:
     relayed = {v.validator for v in votes_in(acts) if (v.round, v.kind) == (0, PREVOTE)
                and v.block_hash == x.hash()}
     assert relayed >= {VALS.members[j] for j in rest[:2]}
+
+
+def test_an_invalid_verdict_is_asked_again_later() -> None:
+    """Time rules can flip (a proposer whose clock runs ahead): "invalid" is not forever."""
+    i = pick_non_proposer_of_round1()
+    c, app = core_for(i)
+    c.start(0)
+    x = make_block(1, 5, VALS.proposer(1, 0), tag=b"X")
+    app.invalid.add(x.hash())
+    acts = c.on_proposal(proposal(1, 0, x), x, 1)
+    assert votes_in(acts)[0].block_hash == NIL
+    app.invalid.clear()
+    rest = [j for j in range(4) if j != i]
+    feed_votes(c, rest[:2], PREVOTE, 1, 0, NIL)
+    feed_votes(c, rest[:2], PRECOMMIT, 1, 0, NIL)
+    c.on_timeout(Timeout(1, 0, "precommit"), 3000)
+    acts = c.on_proposal(proposal(1, 1, x), x, 3001)
+    assert votes_in(acts)[0].block_hash == x.hash()
