@@ -21,6 +21,25 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# The node agent's host tools (runc, a static busybox for the demo image, iptables for published
+# ports, mkfs.ext4 for volume quotas, ip for container networks). Installed when missing.
+missing=()
+for pair in runc:runc busybox:busybox-static iptables:iptables mkfs.ext4:e2fsprogs ip:iproute2; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+# Debian's dynamically linked busybox package also provides /bin/busybox; the image needs static.
+if command -v busybox >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    missing+=(busybox-static)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: apt-get install ${missing[*]}" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    else
+        echo "bootstrap: the node agent needs these packages (as root: apt-get install ${missing[*]})" >&2
+    fi
+fi
+
 spec="."
 [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
 stamp="$VENV/.tfgrid-installed"
