@@ -77,6 +77,7 @@ BACKOFF_MAX_S = 5.0
 STATUS_INTERVAL_S = 1.0
 CATCHUP_GRACE_S = 0.3
 CATCHUP_REQUEST_TIMEOUT_S = 5.0
+GOSSIP_TX_QUEUE = 20_000  # txs from peers awaiting admission; beyond it they are dropped
 
 
 def wall_ms() -> int:
@@ -292,6 +293,8 @@ class Node:
         self._catchup_target = 0
         self._catchup_wake = trio.Event()
         self._rng = random.Random(key.public_key)  # backoff jitter only
+        self._gossiped_txs, self._gossiped_rx = trio.open_memory_channel[bytes](GOSSIP_TX_QUEUE)
+        self.dropped_gossip_txs = 0
         self.now_ms: Callable[[], int] = wall_ms
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class Node:
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._catchup_loop)
             nursery.start_soon(self._status_loop)
+            nursery.start_soon(self._gossiped_tx_loop)
             for addr in self.cfg.peers:
                 if addr not in (self.cfg.listen, bound):
                     nursery.start_soon(self._dial_loop, addr)
@@ -349,7 +353,8 @@ class Node:
 
     def _on_decided(self, block: Block, commit: Commit) -> None:
         h = block.header.height
-        log.info("committed height %d (%d txs) %s", h, len(block.txs), block.hash().hex()[:12])
+        log.info("committed height %d round %d (%d txs) %s", h, commit.round, len(block.txs),
+                 block.hash().hex()[:12])
         for t in [t for t in self._timers if t.height <= h]:
             del self._timers[t]
         if self.header_subs:
@@ -460,6 +465,16 @@ class Node:
         block.check_shape()
         commit.verify(self.chain_id, self.validators)
         return block, commit
+
+    # -- txs from other validators --------------------------------------------------------------
+
+    async def _gossiped_tx_loop(self) -> None:
+        async for raw in self._gossiped_rx:  # each receive is a checkpoint: others get turns
+            try:
+                self.mempool.add(raw, self.app.state, self.chain_id)
+            except InvalidTx:
+                continue  # duplicates and txs made stale by a block are normal here
+            self._execute(self.core.on_txs_available(self.now_ms()))
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -622,11 +637,12 @@ class Node:
                 raw = msg.get("tx")
                 if not isinstance(raw, bytes):
                     raise MalformedFrame("tx gossip must carry bytes")
+                # Admission (a signature check and more) is queued for the tx task, so that
+                # a flood of gossiped txs never delays the votes and proposals behind it.
                 try:
-                    self.mempool.add(raw, self.app.state, self.chain_id)
-                except InvalidTx:
-                    return  # duplicates and txs made stale by a block are normal here
-                self._execute(self.core.on_txs_available(now))
+                    self._gossiped_txs.send_nowait(raw)
+                except trio.WouldBlock:
+                    self.dropped_gossip_txs += 1  # best effort: the origin still has it
             case "status":
                 height = msg.get("height")
                 if not isinstance(height, int) or isinstance(height, bool) or height < 0:

@@ -101,6 +101,9 @@ class Connection:
         Raises :class:`MalformedFrame` / :class:`FrameTooLarge` (remote errors); a broken
         socket is reported as end of stream.
         """
+        # Yield even when a message is already buffered: a peer that pipelines many frames
+        # must not monopolise the event loop.
+        await trio.lowlevel.checkpoint()
         while True:
             msg = self._decoder.next_message()
             if msg is not NEED_DATA:
