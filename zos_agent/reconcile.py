@@ -129,7 +129,9 @@ class ContractView:
     ``names`` are the workload names of the current deployment (what results may be reported
     for). ``desired`` are its runnable containers; ``errors`` maps a workload name to why it
     cannot run (verification failures refuse every workload of the contract). ``results`` is
-    what the ledger currently shows for this version.
+    what the ledger currently shows for this version. ``hold`` marks a contract that could
+    not be read with a valid proof right now: whatever runs of it is left exactly as it is
+    (neither deleted nor restarted), and only its ``errors`` are reported.
     """
 
     contract_id: int
@@ -139,6 +141,7 @@ class ContractView:
     desired: tuple[Desired, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
     results: Mapping[str, Result] = field(default_factory=dict)
+    hold: bool = False
 
     @property
     def live(self) -> bool:
@@ -340,15 +343,22 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
     actions: list[Action] = []
     wake: list[int] = []
     mem: dict[str, WorkloadMemory] = dict(memory.workloads)
-    desired = {d.workload_id: d for c in contracts.values() if c.live for d in c.desired}
+    desired = {d.workload_id: d for c in contracts.values()
+               if c.live and not c.hold for d in c.desired}
+    held = {cid for cid, c in contracts.items() if c.hold}
     # Per workload id, the result to report (absent: nothing new to say yet).
     results: dict[str, Result] = {}
 
+    def is_held(wid: str, m: WorkloadMemory | None = None) -> bool:
+        parsed = parse_workload_id(wid)
+        cid = m.contract_id if m is not None else (None if parsed is None else parsed[0])
+        return cid in held
+
     for wid in sorted(observed):
-        if wid not in desired:
+        if wid not in desired and not is_held(wid):
             actions.append(Delete(wid))
     for wid in list(mem):
-        if wid not in desired and wid not in observed:
+        if wid not in desired and wid not in observed and not is_held(wid, mem[wid]):
             del mem[wid]
 
     for wid in sorted(desired):
@@ -396,13 +406,16 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
             results[wid] = _stopped_result(o)
         mem[wid] = m
 
-    reports: dict[int, SentReport] = {}
+    reports: dict[int, SentReport] = {cid: r for cid, r in memory.reports.items() if cid in held}
     for cid in sorted(contracts):
         c = contracts[cid]
         want: dict[str, Result] = {}
         for name in c.names:
             wid = workload_id(cid, name)
-            if not c.live:
+            if c.hold:
+                if name in c.errors:
+                    want[name] = Result("error", c.errors[name])
+            elif not c.live:
                 if c.state == "cancelled" and wid not in observed:
                     want[name] = Result("deleted")
             elif name in c.errors:
