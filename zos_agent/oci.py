@@ -72,6 +72,17 @@ _IMAGE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _clean(value: object) -> bool:
+    """A string an exec argument or env value can hold: UTF-8 encodable, no NUL."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """One container workload as the runtime needs it (secret env already unsealed).
@@ -95,13 +106,11 @@ class ContainerSpec:
             raise InvalidSpec(f"workload id {self.workload_id!r} must match {_WORKLOAD_ID.pattern}")
         if not _IMAGE.match(self.image):
             raise InvalidSpec(f"image {self.image!r} is not sha256:<64 hex digits>")
-        if not self.command or not all(isinstance(a, str) for a in self.command):
-            raise InvalidSpec("command must be a non-empty list of strings")
-        if any("\0" in a for a in self.command):
-            raise InvalidSpec("command arguments must not contain NUL")
+        if not self.command or not all(_clean(a) for a in self.command):
+            raise InvalidSpec("command must be a non-empty list of UTF-8 strings without NUL")
         for name, values in (("env", self.env), ("secret_env", self.secret_env)):
             for k, v in values.items():
-                if not _ENV_NAME.match(k) or not isinstance(v, str) or "\0" in v:
+                if not (isinstance(k, str) and _ENV_NAME.match(k) and _clean(v)):
                     raise InvalidSpec(f"{name} entry {k!r} is not NAME=string")
         both = set(self.env) & set(self.secret_env)
         if both:
