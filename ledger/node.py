@@ -806,12 +806,28 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         trio.run(_main_async, args.home)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except StorageError as exc:
-        print(f"storage error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except BaseException as exc:
+        # Errors leave trio wrapped in exception groups; an operator's error is one line.
+        err = _operator_error(exc)
+        if isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(err, StorageError):
+            print(f"storage error: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+def _operator_error(exc: BaseException) -> BaseException | None:
+    """The ConfigError/StorageError that ``exc`` is or (in exception groups) contains."""
+    if isinstance(exc, ConfigError | StorageError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _operator_error(sub)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

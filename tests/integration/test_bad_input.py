@@ -9,8 +9,11 @@ show that the state is unchanged.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,7 @@ import trio
 
 from ledger import api, keyspace
 from ledger.client import LedgerClient
+from ledger.config import init_validator_home
 from ledger.keys import KeyPair
 from ledger.peer import auth_message, hello_message, new_challenge
 from ledger.tx import Tx
@@ -304,3 +308,41 @@ async def test_state_untouched_by_refusals(running: Running) -> None:
         owner, _ = await client.query(keyspace.twin_by_name("alice"))
         assert owner is not None
     await assert_unchanged(running)
+
+
+# -- the daemon's command line -------------------------------------------------------------------
+
+
+def run_node(home: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "ledger.node", "--home", str(home)],
+                          capture_output=True, timeout=60, check=False)
+
+
+async def test_second_daemon_on_a_running_home_refuses(running: Running) -> None:
+    """Two processes must never sign with one key: the second one exits with a clear line."""
+    proc = run_node(running.cluster[0].home)
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+    assert b"storage error" in proc.stderr
+    assert b"Traceback" not in proc.stderr
+    await assert_unchanged(running)
+
+
+def test_missing_home_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_node(tmp_path / "nowhere")
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    assert proc.stderr.decode().strip().startswith("error: validator home")
+    assert b"Traceback" not in proc.stderr
+
+
+def test_listen_port_in_use_is_a_clear_error(tmp_path: Path, running: Running) -> None:
+    g = running.cluster.genesis
+    home = tmp_path / "v"
+    # the first validator's identity, but a fresh store: only the busy port can stop it
+    init_validator_home(home, genesis=g, seed=running.cluster.keys[0].seed,
+                        listen=running.cluster[1].addr, peers=[])
+    proc = run_node(home)
+    assert proc.returncode == 2
+    assert b"cannot listen on" in proc.stderr
+    assert b"Traceback" not in proc.stderr

@@ -8,7 +8,9 @@ round timeouts long.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import cast
 
 import pytest
 import trio
@@ -19,7 +21,7 @@ from ledger.codec import unpack
 from ledger.errors import InvalidTx
 from ledger.keys import KeyPair
 from ledger.store import Store
-from ledger.types import PRECOMMIT, Vote
+from ledger.types import PRECOMMIT, Block, Commit, Header, Vote
 from tests.conftest import FUNDS, Cluster, RawClient, poll, transfer
 
 pytestmark = pytest.mark.slow
@@ -199,3 +201,55 @@ async def test_kill9_never_double_signs_and_keeps_committed_blocks(
             assert len(signers) == len(set(signers))
             for k, sig in commit.signatures:
                 Vote(PRECOMMIT, h, commit.round, commit.block_hash, k, sig).verify(c.genesis.chain_id)
+
+
+async def test_header_and_key_subscriptions(
+    cluster_factory: Callable[..., Cluster], funded: list[KeyPair]
+) -> None:
+    c = cluster_factory(4, accounts=[(k.public_key, FUNDS) for k in funded])
+    alice, bob = funded[0], funded[1]
+    sub = await RawClient.connect(c[2].addr)
+    sender = await RawClient.connect(c[0].addr)
+    try:
+        assert await sub.call("subscribe_headers") == {"subscribed": True}
+        assert await sub.call("subscribe_key", {"key": keyspace.account(bob.public_key)}) == {
+            "subscribed": True}
+        tx = transfer(alice, bob.public_key, 99, 0)
+        await sender.submit(tx)
+        heights: list[int] = []
+        event_height = None
+        tx_height = None
+        with trio.fail_after(30):
+            while event_height is None or tx_height is None or heights[-1] < event_height:
+                msg = await sub.receive()
+                assert msg is not None
+                if msg["push"] == "header":
+                    block = Block.from_wire(msg["block"])
+                    Commit.from_wire(msg["commit"]).verify(c.genesis.chain_id, c.genesis.validators)
+                    heights.append(block.header.height)
+                    if tx.encode() in block.txs:
+                        tx_height = block.header.height
+                else:
+                    assert msg["push"] == "event"
+                    assert msg["key"] == keyspace.account(bob.public_key)
+                    event_height = msg["height"]
+        assert event_height == tx_height
+        assert heights == list(range(heights[0], heights[0] + len(heights)))  # in order, no gaps
+    finally:
+        await sub.aclose()
+        await sender.aclose()
+
+    # the light client's verified subscription follows the same chain
+    async with LedgerClient(c.genesis, c.addrs) as client:
+        seen = []
+        with trio.fail_after(30):
+            # headers() is an async generator (typed as an iterator): close it when done early
+            gen = cast(AsyncGenerator[Header, None], client.headers())
+            async with aclosing(gen) as headers:
+                async for header in headers:
+                    seen.append(header.height)
+                    if len(seen) == 3:
+                        break
+        assert seen == list(range(seen[0], seen[0] + 3))
+    # SIGTERM is a clean stop
+    assert [c.stop(i) for i in range(4)] == [0, 0, 0, 0]
