@@ -14,7 +14,7 @@ import trio
 
 from cli.home import Home
 from cli.output import settings
-from ledger import keys
+from ledger import keys, keyspace
 from ledger.client import LedgerClient
 from ledger.errors import InvalidTx
 from ledger.state import Params, TxOutcome, decode_entry
@@ -83,3 +83,27 @@ async def read_entry(client: LedgerClient, key: bytes) -> dict[str, Any] | None:
     """The decoded state entry under ``key`` (verified by proof), or None if absent."""
     value, _height = await client.query(key)
     return None if value is None else decode_entry(key, value)
+
+
+MAX_PARALLEL_READS = 8
+
+
+async def read_entries(client: LedgerClient, keys_: list[bytes]) -> list[dict[str, Any] | None]:
+    """:func:`read_entry` for many keys, a few at a time in parallel; results in order."""
+    out: list[dict[str, Any] | None] = [None] * len(keys_)
+    limit = trio.CapacityLimiter(MAX_PARALLEL_READS)
+
+    async def one(i: int) -> None:
+        async with limit:
+            out[i] = await read_entry(client, keys_[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(keys_)):
+            nursery.start_soon(one, i)
+    return out
+
+
+async def counter(client: LedgerClient, name: str, default: int = 1) -> int:
+    """One field of the proven counters entry (e.g. ``next_node_id``)."""
+    counters = await read_entry(client, keyspace.counters())
+    return int((counters or {}).get(name, default))

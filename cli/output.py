@@ -104,3 +104,27 @@ def progress(message: str) -> None:
 def progress_done() -> None:
     if sys.stderr.isatty():
         click.echo("\r\033[K", err=True, nl=False)
+
+
+def human_bytes(n: int | None) -> str:
+    """``1.5 GiB``-style sizes for people (JSON always carries exact byte counts)."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def human_age(then_ms: int | None, now_ms: int) -> str:
+    """How long ago ``then_ms`` was, as ``12s ago`` / ``3m ago`` / ``never``."""
+    if not then_ms:
+        return "never"
+    s = max(0, (now_ms - then_ms) // 1000)
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
