@@ -12,7 +12,20 @@ from typing import NoReturn
 
 import click
 
-from cli import account, context, devnet, farm, identity, ledger_cmd, twin
+from cli import (
+    account,
+    capacity,
+    context,
+    contract,
+    deploy,
+    devnet,
+    farm,
+    identity,
+    image,
+    ledger_cmd,
+    node,
+    twin,
+)
 from cli.output import Settings
 from ledger.errors import TfgridError
 
@@ -37,7 +50,8 @@ def cli(ctx: click.Context, home: Path, as_json: bool, debug: bool) -> None:
 
 
 for _group in (ledger_cmd.ledger, context.context, identity.identity, account.account,
-               twin.twin, farm.farm, devnet.devnet):
+               twin.twin, farm.farm, node.node, deploy.deploy, contract.contract,
+               image.image, capacity.capacity, devnet.devnet):
     cli.add_command(_group)
 
 
