@@ -153,8 +153,16 @@ def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     # tar_filter refuses absolute and escaping paths and links (also through symlinks already
     # unpacked) and clears setuid/setgid bits, while keeping absolute symlinks, which are
     # normal inside a rootfs. Device nodes are refused on top: a container gets its own /dev.
+    # Hard links are checked here too: the 'tar' filter lets an absolute hard link target
+    # through, which tarfile then resolves against the host root (a link to /etc/passwd).
     if member.isdev():
         raise ImageError(f"device node {member.name!r} in image")
+    if member.islnk():
+        target = os.path.realpath(os.path.join(dest, member.linkname))
+        if os.path.isabs(member.linkname) or os.path.commonpath(
+            [target, os.path.realpath(dest)]
+        ) != os.path.realpath(dest):
+            raise ImageError(f"hard link {member.name!r} points outside the image")
     try:
         return tarfile.tar_filter(member, dest)
     except tarfile.FilterError as exc:
@@ -169,6 +177,7 @@ def unpack_rootfs(blob: Path, root: Path) -> None:
     root.mkdir(mode=0o755)
     try:
         with tarfile.open(blob, "r:*") as tar:
+            tar.errorlevel = 2  # a member that cannot be extracted fails the image
             tar.extractall(root, filter=_member_filter)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ImageError(f"cannot unpack: {exc}") from exc
