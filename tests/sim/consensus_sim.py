@@ -611,6 +611,12 @@ class Sim:
             pr.byz_voted.add((v.height, v.round, v.kind, v.block_hash))
         self.broadcast(pr.idx, ("vote", v), real)
         self._byz_send(pr, v.kind, v.height, v.round, v.block_hash, [], nil)
+        if self.rng.random() < 0.05:
+            # noise from the future: far rounds and heights (bounded memory, no false skips)
+            h = v.height + self.rng.choice([0, 0, 1, 5])
+            r = v.round + self.rng.randrange(2, 60)
+            w = Vote(v.kind, h, r, NIL, pr.key.public_key).signed(pr.key, CHAIN_ID)
+            self.broadcast(pr.idx, ("vote", w))
 
     def _byz_vote_for(self, pr: Proc, prop: Proposal) -> None:
         """Prevote and precommit every proposal it sees (to a random subset, or all)."""
