@@ -375,6 +375,12 @@ class Runtime:
                 p.unlink(missing_ok=True)
         self._locks.pop(workload_id, None)
 
+    async def delete_all(self) -> None:
+        """Delete every container this runtime owns (a node leaving the grid, devnet down).
+        Raises :class:`RuntimeFailure`."""
+        for workload_id in await self.list():
+            await self.delete(workload_id)
+
     async def _stop(self, workload_id: str) -> None:
         """SIGKILL the container and wait until runc sees it stopped and its shim has exited."""
         state = await self._runc_state(workload_id)

@@ -183,8 +183,11 @@ def restore_sysctls() -> Iterator[None]:
     names = ["net/ipv4/ip_forward", "net/ipv4/conf/lo/route_localnet"]
     saved = {n: Path("/proc/sys", n).read_text() for n in names}
     yield
-    for n, v in saved.items():
-        Path("/proc/sys", n).write_text(v)
+    # These are shared by every agent network on the host: leave them while another one
+    # (another test run, a devnet) still has its bridge up.
+    if not any(p.name.startswith("tfb") for p in Path("/sys/class/net").iterdir()):
+        for n, v in saved.items():
+            Path("/proc/sys", n).write_text(v)
 
 
 @dataclass
@@ -226,8 +229,8 @@ async def node_factory(
     yield make
     with trio.CancelScope(shield=True):
         for node in made:
-            for wid in await node.runtime.list():
-                await node.runtime.delete(wid)
+            await node.runtime.delete_all()
+            assert await node.runtime.list() == {}
             await node.network.teardown()
             assert _host_net_traces(node.network) == []
             assert not any(
