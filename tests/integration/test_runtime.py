@@ -459,3 +459,68 @@ async def test_published_port_answers_http(
     await rt.delete("c4-web")
     rules = run_out("iptables-save", "-t", "nat")
     assert f"--dport {port}" not in rules
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A stand-in for "the internet": a netns of our own at 10.214.<i>.2 behind a veth whose
+    host side is 10.214.<i>.1, running busybox httpd with a CGI that echoes the client's
+    address. Yields (server address, host-side address); removes everything afterwards."""
+    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    used = {int(m) for m in re.findall(r"inet 10\.214\.(\d+)\.", out)}
+    index = next(i for i in range(200, 256) if i not in used)
+    tag = secrets.token_hex(3)
+    ns, veth = f"tftest-out-{tag}", f"tvo{tag}"
+    host_ip, server_ip = f"10.214.{index}.1", f"10.214.{index}.2"
+    www = tmp_path / "outside-www"
+    (www / "cgi-bin").mkdir(parents=True)
+    cgi = www / "cgi-bin" / "whoami"
+    cgi.write_text("#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho \"client=$REMOTE_ADDR\"\n")
+    cgi.chmod(0o755)
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        for argv in (
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
+            ["ip", "addr", "add", f"{host_ip}/24", "dev", veth],
+            ["ip", "link", "set", veth, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{server_ip}/24", "dev", "eth0"],
+            ["ip", "-n", ns, "link", "set", "eth0", "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "/bin/busybox", "httpd", "-f", "-p", "8080", "-h", str(www)]
+        )
+        yield server_ip, host_ip
+    finally:
+        if server is not None:
+            server.kill()  # by pid: the one process this fixture started
+            server.wait()
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.slow
+@needs_root_runc
+async def test_outbound_nat(
+    busybox: Image, node_factory: Callable[[str], Awaitable[Node]], outside: tuple[str, str]
+) -> None:
+    server_ip, host_ip = outside
+    node = await node_factory("a")
+    rt = node.runtime
+    # (no wget -T: Debian's busybox-static 1.35 wget segfaults with it)
+    script = f"""
+        i=0
+        while [ $i -lt 200 ]; do
+            wget -q -O- http://{server_ip}:8080/cgi-bin/whoami && break
+            i=$((i+1)); sleep 0.05
+        done
+        ip -4 -o addr show dev eth0 2>/dev/null || ifconfig eth0
+        echo done
+    """
+    await rt.create(container(busybox, "c5-out", script, disk=8 * MIB), busybox.sources)
+    await wait_for("outbound request", lambda: stopped(rt, "c5-out"))
+    out = (await rt.logs("c5-out")).decode()
+    # The server saw the node's address (maybe v4-mapped), not the container's: masqueraded.
+    assert re.search(rf"^client=(\[::ffff:)?{re.escape(host_ip)}\]?$", out, re.M), out
+    assert re.search(rf"10\.213\.{node.network.subnet_index}\.\d+", out), out
