@@ -112,6 +112,8 @@ def _monitor(argv: list[str], report_fd: int) -> int:
         os.unlink(pid_file)
     except FileNotFoundError:
         pass
+    # One run's runc log at a time: bounded, and the error we report is this run's.
+    os.close(os.open(os.path.join(bundle, "runc.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     cmd = [runc, "--root", root, "--log", os.path.join(bundle, "runc.log"), "--log-format", "json",
            "run", "-d", "--bundle", bundle, "--pid-file", pid_file, cid]
     with open(os.devnull, "rb") as devnull:

@@ -95,6 +95,15 @@ def test_push_is_deterministic_and_accepts_a_tar(busybox: Image, tmp_path: Path)
         push_image(tmp_path / "not.tar", tmp_path / "pub")
 
 
+def test_build_script_makes_the_same_image(busybox: Image, tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build-busybox-image.sh"
+    out = subprocess.run([str(script), str(tmp_path / "rootfs"), str(tmp_path / "pub")],
+                         capture_output=True, text=True, check=True).stdout
+    doc = json.loads(out)
+    assert doc["image"] == busybox.ref
+    assert doc["sources"] == [(tmp_path / "pub" / f"{busybox.ref[7:]}.tar").as_uri()]
+
+
 async def test_ensure_verifies_digest_and_caches(busybox: Image, tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "cache")
     other = tmp_path / "other.tar"
