@@ -35,6 +35,9 @@ STORE_FILE = "ledger.sqlite"
 DEFAULT_MAX_BLOCK_TXS = 2000
 DEFAULT_MAX_BLOCK_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_FUTURE_MS = 5000
+# A block travels whole in one client frame (block method, header pushes): keep its txs well
+# under api.CLIENT_MAX_FRAME, leaving room for the header, the commit and encoding overhead.
+MAX_BLOCK_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -250,12 +253,12 @@ def load_validator_home(home: Path) -> tuple[ValidatorConfig, Genesis, KeyPair]:
     _check_consensus_overrides(overrides, source=src)
     overrides = {**overrides, "empty_block_interval_ms": interval}
     limits: dict[str, int] = {}
-    for name, default in (("max_block_txs", DEFAULT_MAX_BLOCK_TXS),
-                          ("max_block_bytes", DEFAULT_MAX_BLOCK_BYTES),
-                          ("max_future_ms", DEFAULT_MAX_FUTURE_MS)):
+    for name, default, most in (("max_block_txs", DEFAULT_MAX_BLOCK_TXS, 100_000),
+                                ("max_block_bytes", DEFAULT_MAX_BLOCK_BYTES, MAX_BLOCK_BYTES),
+                                ("max_future_ms", DEFAULT_MAX_FUTURE_MS, 3_600_000)):
         value = doc.get(name, default)
-        if not _is_int(value) or value <= 0:
-            raise ConfigError(f"{src}: {name} must be a positive integer")
+        if not _is_int(value) or not 0 < value <= most:
+            raise ConfigError(f"{src}: {name} must be an integer from 1 to {most}")
         limits[name] = value
     cfg = ValidatorConfig(
         home=home,

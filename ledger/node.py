@@ -49,6 +49,7 @@ from ledger.errors import (
     InvalidBlock,
     InvalidTx,
     LedgerTimeout,
+    LocalProtocolError,
     MalformedFrame,
     RemoteProtocolError,
     StorageError,
@@ -358,10 +359,16 @@ class Node:
         for t in [t for t in self._timers if t.height <= h]:
             del self._timers[t]
         if self.header_subs:
-            frame = encode_frame({"push": "header", "block": block.to_wire(),
-                                  "commit": commit.to_wire()}, api.CLIENT_MAX_FRAME)
-            for conn in list(self.header_subs):
-                conn.send_frame(frame)
+            try:
+                frame = encode_frame({"push": "header", "block": block.to_wire(),
+                                      "commit": commit.to_wire()}, api.CLIENT_MAX_FRAME)
+            except LocalProtocolError:
+                # Cannot happen within the configured block size limit; never let a
+                # notification take consensus down.
+                log.exception("header push of height %d does not fit a client frame", h)
+            else:
+                for conn in list(self.header_subs):
+                    conn.send_frame(frame)
         if self.key_subs:
             for k in self.app.last_changes:
                 for conn in list(self.key_subs.get(k, ())):
@@ -385,7 +392,8 @@ class Node:
                 await self._timers_changed.wait()
             self._timers_changed = trio.Event()
             now = trio.current_time()
-            due = sorted((d, t) for t, d in self._timers.items() if d <= now)
+            # by deadline only: Timeout is not orderable, and equal deadlines keep their order
+            due = sorted(((d, t) for t, d in self._timers.items() if d <= now), key=lambda x: x[0])
             for d, t in due:
                 if self._timers.get(t) == d:
                     del self._timers[t]

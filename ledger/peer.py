@@ -72,7 +72,7 @@ class Connection:
         *,
         remote: str,
         max_frame: int = api.CLIENT_MAX_FRAME,
-        max_queue_frames: int = 4096,
+        max_queue_frames: int = 65536,
         max_queue_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.stream = stream

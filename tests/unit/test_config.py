@@ -122,6 +122,7 @@ def test_load_refuses_a_readable_key(tmp_path: Path) -> None:
         ({"consensus": {"timeout_bogus_ms": 1}}, "unknown consensus setting"),
         ({"consensus": {"timeout_propose_ms": "fast"}}, "timeout_propose_ms"),
         ({"max_block_txs": 0}, "max_block_txs"),
+        ({"max_block_bytes": 64 * 1024 * 1024}, "max_block_bytes"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, edit: dict[str, object], needle: str) -> None:
