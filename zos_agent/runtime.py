@@ -225,14 +225,19 @@ class Runtime:
         return ContainerState(workload_id, "stopped", 0, spec_hash, exit_code, endpoints)
 
     async def list(self) -> dict[str, ContainerState]:
-        """Every container this runtime owns: those runc knows plus bundles on disk."""
+        """Every container this runtime owns: those runc knows plus bundles on disk.
+
+        Containers that a concurrent create/restart/delete is working on are left out: their
+        half-made state (a bundle not yet started) must not look like a crashed container.
+        """
         states = {s["id"]: s for s in await self._runc_list()}
         ids = set(states)
         try:
             ids |= {p.name for p in self._bundles.iterdir() if p.is_dir()}
         except FileNotFoundError:
             pass
-        return {i: self._observe(i, states.get(i)) for i in sorted(ids)}
+        busy = {i for i, lock in self._locks.items() if lock.locked()}
+        return {i: self._observe(i, states.get(i)) for i in sorted(ids - busy)}
 
     async def state(self, workload_id: str) -> ContainerState | None:
         """One container's state, or None if neither runc nor the disk knows it."""

@@ -533,3 +533,20 @@ async def test_outbound_nat(
     # The server saw the node's address (maybe v4-mapped), not the container's: masqueraded.
     assert re.search(rf"^client=(\[::ffff:)?{re.escape(host_ip)}\]?$", out, re.M), out
     assert re.search(rf"10\.213\.{node.network.subnet_index}\.\d+", out), out
+
+
+@pytest.mark.slow
+@needs_root_runc
+async def test_list_hides_containers_being_created(
+    busybox: Image, node_factory: Callable[[str], Awaitable[Node]]
+) -> None:
+    node = await node_factory("a")
+    rt = node.runtime
+    spec = container(busybox, "c6-busy", "exec sleep 3600", disk=8 * MIB)
+    seen_during: list[dict[str, Any]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.create, spec, busybox.sources)
+        await trio.sleep(0)  # create now holds the workload's lock, waiting on runc
+        seen_during.append(dict(await rt.list()))
+    assert seen_during == [{}]
+    assert (await rt.list())["c6-busy"].status == "running"
