@@ -546,7 +546,7 @@ async def test_list_hides_containers_being_created(
     seen_during: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rt.create, spec, busybox.sources)
-        await trio.sleep(0)  # create now holds the workload's lock, waiting on runc
+        await trio.lowlevel.checkpoint()  # create now holds the lock, waiting on runc
         seen_during.append(dict(await rt.list()))
     assert seen_during == [{}]
     assert (await rt.list())["c6-busy"].status == "running"
