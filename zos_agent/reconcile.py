@@ -106,6 +106,9 @@ class Result:
                 "endpoint": self.endpoint}
 
 
+DELETED = Result("deleted")
+
+
 @dataclass(frozen=True, slots=True)
 class Desired:
     """A container the ledger wants here, verified and ready for the runtime."""
@@ -173,6 +176,8 @@ class WorkloadMemory:
     failures: int = 0  # failed create/restart attempts in a row
     failed_ms: int = 0
     error: str = ""  # the last failure, reported until an attempt succeeds
+    last_exit: int | None = None  # exit code seen at the last restart
+    gone: bool = False  # deleted here; kept until the ledger shows it "deleted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +227,12 @@ class ReconcileMemory:
         return self._with(wid, replace(old, failures=0, failed_ms=0, error=""))
 
     def deleted(self, wid: str) -> ReconcileMemory:
-        """A Delete succeeded: forget the workload."""
-        return replace(self, workloads={k: v for k, v in self.workloads.items() if k != wid})
+        """A Delete succeeded. The workload is remembered as gone until its contract no longer
+        needs a "deleted" report (the next pass decides), so the follower keeps reading it."""
+        old = self.workloads.get(wid)
+        if old is None:
+            return self
+        return self._with(wid, replace(old, gone=True, known=False, endpoint="", error=""))
 
     # -- persistence -----------------------------------------------------------------------
 
@@ -234,7 +243,8 @@ class ReconcileMemory:
                 "contract_id": m.contract_id, "spec_hash": m.spec_hash,
                 "started_ms": m.started_ms, "restarts": m.restarts, "known": m.known,
                 "endpoint": m.endpoint, "failures": m.failures, "failed_ms": m.failed_ms,
-                "error": m.error} for wid, m in sorted(self.workloads.items())},
+                "error": m.error, "last_exit": m.last_exit, "gone": m.gone}
+                for wid, m in sorted(self.workloads.items())},
             "reports": {str(cid): {"version": r.version, "digest": r.digest,
                                    "sent_ms": r.sent_ms}
                         for cid, r in sorted(self.reports.items())},
@@ -252,7 +262,9 @@ class ReconcileMemory:
                 started_ms=int(m["started_ms"]), restarts=int(m["restarts"]),
                 known=bool(m["known"]), endpoint=str(m["endpoint"]),
                 failures=int(m["failures"]), failed_ms=int(m["failed_ms"]),
-                error=str(m["error"])) for wid, m in doc["workloads"].items()}
+                error=str(m["error"]),
+                last_exit=None if m["last_exit"] is None else int(m["last_exit"]),
+                gone=bool(m["gone"])) for wid, m in doc["workloads"].items()}
             reports = {int(cid): SentReport(int(r["version"]), str(r["digest"]),
                                             int(r["sent_ms"]))
                        for cid, r in doc["reports"].items()}
@@ -337,6 +349,13 @@ def _stopped_result(o: Observed) -> Result:
     return Result("error", "exited" if code is None else f"exited with code {code}")
 
 
+def _crash_loop(m: WorkloadMemory, endpoint: str) -> Result:
+    # One message for the whole loop (not a count) so that it is reported once, not per crash.
+    last = "unknown" if m.last_exit is None else str(m.last_exit)
+    return Result("error", f"crash loop: keeps exiting (last exit code {last}); restarting "
+                  "with backoff", endpoint)
+
+
 def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Observed],
               memory: ReconcileMemory, now_ms: int) -> Plan:
     """Decide the actions that bring this node to what the ledger wants (module docstring)."""
@@ -358,7 +377,15 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
         if wid not in desired and not is_held(wid):
             actions.append(Delete(wid))
     for wid in list(mem):
-        if wid not in desired and wid not in observed and not is_held(wid, mem[wid]):
+        m_old = mem[wid]
+        if wid in desired or wid in observed or is_held(wid, m_old):
+            continue
+        parsed = parse_workload_id(wid)
+        view = contracts.get(m_old.contract_id)
+        if (parsed is not None and view is not None and view.state == "cancelled"
+                and parsed[1] in view.names and view.results.get(parsed[1]) != DELETED):
+            mem[wid] = replace(m_old, gone=True, known=False, endpoint="", error="")
+        else:
             del mem[wid]
 
     for wid in sorted(desired):
@@ -388,20 +415,18 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
                 wake.append(m.started_ms + STABLE_AFTER_MS)
             if not m.error:
                 if m.restarts >= CRASH_LOOP_RESTARTS:
-                    results[wid] = Result("error", f"crash loop: restarted {m.restarts} times "
-                                          "in a row", m.endpoint)
+                    results[wid] = _crash_loop(m, m.endpoint)
                 else:
                     results[wid] = Result("ok", "", m.endpoint)
         elif _restarts_wanted(d.spec.restart, o):
             due = max(m.started_ms + backoff_ms(m.restarts), retry_at)
             if now_ms >= due:
                 actions.append(Restart(d))
-                m = replace(m, restarts=m.restarts + 1, started_ms=now_ms)
+                m = replace(m, restarts=m.restarts + 1, started_ms=now_ms, last_exit=o.exit_code)
             else:
                 wake.append(due)
             if m.restarts >= CRASH_LOOP_RESTARTS and not m.error:
-                results[wid] = Result("error", f"crash loop: restarted {m.restarts} times in "
-                                      f"a row, last {_stopped_result(o).message}")
+                results[wid] = _crash_loop(m, m.endpoint)
         elif not m.error:
             results[wid] = _stopped_result(o)
         mem[wid] = m

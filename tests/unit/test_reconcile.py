@@ -242,20 +242,24 @@ def test_restart_backoff_grows_and_resets_after_a_stable_run() -> None:
     assert Restart(d) in node.step(now + BACKOFF_BASE_MS, v)
 
 
-def test_crash_loop_is_reported_as_error() -> None:
+def test_crash_loop_is_reported_as_error_once() -> None:
     node = FakeNode()
     d = desired(8, "boom")
     v = view(8, d)
     node.step(T0, v)
     now = T0
-    for _ in range(CRASH_LOOP_RESTARTS):
+    for _ in range(CRASH_LOOP_RESTARTS + 3):
         node.observed[d.workload_id] = stopped(d, 2)
         now += BACKOFF_MAX_MS
         node.step(now, v)
-    node.step(now + 1, v)
+        node.step(now + 1, v)
     r = node.ledger[8]["boom"]
     assert r.state == "error"
     assert "crash loop" in r.message
+    assert "exit code 2" in r.message
+    reports = [a for a in node.log if isinstance(a, Report)]
+    # ok once, then the crash loop once: not one report per crash or per pass.
+    assert [dict(a.results)["boom"].state for a in reports] == ["ok", "error"]
 
 
 def test_failed_create_is_reported_and_retried_with_backoff() -> None:
@@ -295,6 +299,24 @@ def test_cancel_deletes_then_reports_deleted_then_forgets() -> None:
     assert node.step(T0 + 3, cancelled) == [
         Report(4, 1, (("a", Result("deleted")), ("b", Result("deleted"))))]
     assert node.step(T0 + 4, cancelled) == []
+    assert node.memory.contract_ids() == set()
+
+
+def test_deleted_is_reported_even_when_the_first_report_is_lost() -> None:
+    """The memory keeps a deleted workload until the ledger shows it deleted, so the
+    follower keeps reading its (cancelled, off-the-node-list) contract."""
+    node = FakeNode()
+    a = desired(4, "a")
+    node.step(T0, view(4, a))
+    node.step(T0 + 1, view(4, a))
+    cancelled = view(4, state="cancelled", names=("a",))
+    node.step(T0 + 2, cancelled)
+    lost = node.step(T0 + 3, cancelled, commit_reports=False)
+    assert lost == [Report(4, 1, (("a", Result("deleted")),))]
+    node.memory = replace(node.memory, reports={})  # even if the report memory is lost
+    assert node.memory.contract_ids() == {4}
+    assert node.step(T0 + 4, cancelled) == lost
+    node.step(T0 + 5, cancelled)
     assert node.memory.contract_ids() == set()
 
 
