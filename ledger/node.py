@@ -690,12 +690,16 @@ class Node:
             return
         except Exception as exc:
             # A bug reached by some input must not take the validator down; this connection
-            # is answered and closed, consensus state is untouched (requests only read it,
-            # apart from mempool admission).
+            # is answered and closed. Consensus state is untouched: requests only read it,
+            # apart from mempool admission, and never run consensus actions in here.
             log.exception("internal error answering %s", method)
             conn.send({"id": rid, "error": {"code": "internal_error", "message": str(exc)}})
             raise RemoteProtocolError("internal error while answering a request") from None
         conn.send({"id": rid, "result": result})
+        if method == "submit_tx":
+            # Outside the catch-all above on purpose: an error while executing consensus
+            # actions (a failed Persist) must stop the validator, not be answered away.
+            self._execute(self.core.on_txs_available(self.now_ms()))
 
     def _dispatch(self, conn: Connection, method: str, params: dict[str, Any]) -> Any:
         match method:
@@ -738,7 +742,6 @@ class Node:
             raise InvalidTx("malformed", "params.tx must be the encoded transaction bytes")
         tx_hash = self.mempool.add(raw, self.app.state, self.chain_id)
         self._gossip({"gossip": "tx", "tx": raw})
-        self._execute(self.core.on_txs_available(self.now_ms()))
         return {"accepted": True, "tx_hash": tx_hash}
 
     def _block(self, height: int) -> dict[str, Any]:
