@@ -19,6 +19,9 @@ import click
 import trio
 
 import ledger
+from cli import chain
+from cli import devnet_nodes as dn
+from cli.devnet_nodes import DevnetFarm, DevnetNode
 from cli.home import (
     FORMAT_VERSION,
     Home,
@@ -29,14 +32,17 @@ from cli.home import (
 from cli.network import create_network, free_ports
 from cli.output import emit, json_option, progress, progress_done, settings, table
 from cli.procs import ProcessRecord, is_alive, spawn, stop, stop_all
-from ledger import keys
+from ledger import keys, keyspace
 from ledger.client import LedgerClient
 from ledger.config import format_hostport, parse_hostport
 from ledger.errors import ConfigError, LedgerTimeout, NotFound, TfgridError
+from ledger.state import Params, node_status
 from ledger.types import Genesis
 
 DEVNET_FUNDS = 1_000_000_000_000  # base units given to the devnet's own identity at genesis
 DEFAULT_VALIDATORS = 4
+DEFAULT_NODES = 20
+DEFAULT_FARMS = 5
 UP_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.25
 STATUS_TIMEOUT_S = 1.0
@@ -64,11 +70,14 @@ class DevnetValidator:
                 "process": None if self.proc is None else self.proc.to_doc()}
 
 
+
 @dataclass(frozen=True, slots=True)
 class Devnet:
     root: Path
     chain_id: str
     validators: tuple[DevnetValidator, ...]
+    farms: tuple[DevnetFarm, ...] = ()
+    nodes: tuple[DevnetNode, ...] = ()
 
     @property
     def file(self) -> Path:
@@ -80,21 +89,51 @@ class Devnet:
     def log_file(self, v: DevnetValidator) -> Path:
         return self.validator_home(v) / LOG_FILE
 
+    def names(self) -> list[str]:
+        return [v.name for v in self.validators] + [n.name for n in self.nodes]
+
+    def _unknown(self, name: str) -> NotFound:
+        return NotFound(f"no process named {name!r} in this devnet "
+                        f"(it has {', '.join(self.names())})")
+
     def get(self, name: str) -> DevnetValidator:
+        """The validator called ``name``. Raises :class:`NotFound`."""
         for v in self.validators:
             if v.name == name:
                 return v
-        names = ", ".join(v.name for v in self.validators)
-        raise NotFound(f"no process named {name!r} in this devnet (it has {names})")
+        raise self._unknown(name)
+
+    def node(self, name: str) -> DevnetNode:
+        """The node called ``name``. Raises :class:`NotFound`."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise self._unknown(name)
+
+    def farm(self, name: str) -> DevnetFarm:
+        for f in self.farms:
+            if f.name == name:
+                return f
+        raise ConfigError(f"devnet record {self.file}: unknown farm {name!r}")
+
+    def is_node(self, name: str) -> bool:
+        return any(n.name == name for n in self.nodes)
 
     def with_validator(self, new: DevnetValidator) -> Devnet:
         return replace(self, validators=tuple(new if v.name == new.name else v
                                               for v in self.validators))
 
+    def with_node(self, new: DevnetNode) -> Devnet:
+        return replace(self, nodes=tuple(new if n.name == new.name else n for n in self.nodes))
+
+    def with_farm(self, new: DevnetFarm) -> Devnet:
+        return replace(self, farms=tuple(new if f.name == new.name else f for f in self.farms))
+
     def save(self) -> None:
         write_json(self.file, {"version": FORMAT_VERSION, "chain_id": self.chain_id,
                                "validators": [v.to_doc() for v in self.validators],
-                               "nodes": [], "bots": []})
+                               "farms": [f.to_doc() for f in self.farms],
+                               "nodes": [n.to_doc() for n in self.nodes], "bots": []})
 
     @classmethod
     def load(cls, root: Path) -> Devnet:
@@ -113,12 +152,20 @@ class Devnet:
                 )
                 for v in doc["validators"]
             )
-            return cls(root, str(doc["chain_id"]), validators)
+            farms = tuple(DevnetFarm.from_doc(f) for f in doc.get("farms", []))
+            nodes = tuple(DevnetNode.from_doc(n) for n in doc.get("nodes", []))
+            return cls(root, str(doc["chain_id"]), validators, farms, nodes)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"devnet record {path} is malformed: {exc}") from exc
 
     def alive(self) -> list[DevnetValidator]:
         return [v for v in self.validators if v.proc is not None and is_alive(v.proc)]
+
+    def alive_nodes(self) -> list[DevnetNode]:
+        return [n for n in self.nodes if n.proc is not None and is_alive(n.proc)]
+
+    def peers(self) -> list[tuple[str, int]]:
+        return [v.listen for v in self.validators]
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -150,13 +197,54 @@ def _stop(net: Devnet, v: DevnetValidator) -> Devnet:
     return net
 
 
+def _start_node(net: Devnet, n: DevnetNode) -> Devnet:
+    """Write the node's agent config (farm, peers, its share of the machine) and start it."""
+    farm = net.farm(n.farm)
+    if farm.farm_id is None:
+        raise TfgridError(f"{n.name}: farm {farm.name} is not on the ledger yet")
+    config = dn.write_agent_config(
+        net.root, n, farm_id=farm.farm_id, country=farm.country, city=farm.city,
+        peers=net.peers(), capacity=dn.machine_share(net.root, len(net.nodes)))
+    rec = spawn([sys.executable, "-m", "zos_agent.main", "--config", str(config.resolve())],
+                log_path=dn.log_file(net.root, n), env=_node_env())
+    net = net.with_node(replace(n, proc=rec))
+    net.save()
+    return net
+
+
+def _stop_node(net: Devnet, n: DevnetNode) -> Devnet:
+    """SIGTERM the agent (its containers keep running; the next start adopts them)."""
+    if n.proc is not None:
+        stop(n.proc)
+    net = net.with_node(replace(n, proc=None))
+    net.save()
+    return net
+
+
 def _stop_all(net: Devnet) -> tuple[Devnet, list[str]]:
     """Stop every recorded process at once; return the devnet record and who was running."""
-    running = [v for v in net.validators if v.proc is not None and is_alive(v.proc)]
-    stop_all([v.proc for v in running if v.proc is not None])
-    net = replace(net, validators=tuple(replace(v, proc=None) for v in net.validators))
+    running_v = [v for v in net.validators if v.proc is not None and is_alive(v.proc)]
+    running_n = net.alive_nodes()
+    stop_all([p for p in [*(v.proc for v in running_v), *(n.proc for n in running_n)]
+              if p is not None])
+    net = replace(net, validators=tuple(replace(v, proc=None) for v in net.validators),
+                  nodes=tuple(replace(n, proc=None) for n in net.nodes))
     net.save()
-    return net, [v.name for v in running]
+    return net, [v.name for v in running_v] + [n.name for n in running_n]
+
+
+def _down(net: Devnet) -> tuple[Devnet, list[str], dict[str, list[str]]]:
+    """Stop every process, then remove the containers and networks of this devnet's agents.
+
+    Raises :class:`TfgridError` if some clean-up failed (after trying all of it).
+    """
+    net, stopped = _stop_all(net)
+    removed: dict[str, list[str]] = {}
+    if net.nodes:
+        removed, errors = trio.run(dn.cleanup_nodes, net.root, list(net.nodes))
+        if errors:
+            raise TfgridError(f"devnet stopped, but clean-up failed: {'; '.join(errors)}")
+    return net, stopped, removed
 
 
 def _last_log_line(path: Path) -> str:
@@ -231,12 +319,132 @@ async def _wait_committing(net: Devnet, genesis: Genesis, names: list[str],
     raise LedgerTimeout(f"devnet not healthy after {timeout_s:.0f}s: {detail}; logs: {logs}")
 
 
+@dataclass(frozen=True, slots=True)
+class NodeLedgerView:
+    id: int | None  # None until registered
+    status: str  # "up" | "down" | "unregistered"
+    last_uptime_ms: int
+
+
+async def _node_views(client: LedgerClient, genesis: Genesis,
+                      nodes: list[DevnetNode]) -> dict[str, NodeLedgerView]:
+    """What the ledger says about each node (by its key), read with proofs."""
+    params = Params.from_genesis(genesis)
+    header, _commit = await client.latest()
+    index = await chain.read_entries(
+        client, [keyspace.node_by_key(bytes.fromhex(n.public_key)) for n in nodes])
+    ids = [None if e is None else int(e["node"]) for e in index]
+    entries = await chain.read_entries(client, [keyspace.node(i) for i in ids if i is not None])
+    by_id = {int(e["id"]): e for e in entries if e is not None}
+    out: dict[str, NodeLedgerView] = {}
+    for n, nid in zip(nodes, ids, strict=True):
+        entry = by_id.get(nid) if nid is not None else None
+        if entry is None:
+            out[n.name] = NodeLedgerView(None, "unregistered", 0)
+        else:
+            out[n.name] = NodeLedgerView(
+                nid, node_status(entry, header.time_ms, params.uptime_down_after_ms),
+                int(entry.get("last_uptime_ms", 0)))
+    return out
+
+
+async def _wait_nodes_up(net: Devnet, genesis: Genesis, names: list[str], timeout_s: float,
+                         *, after_ms: dict[str, int] | None = None) -> dict[str, NodeLedgerView]:
+    """Wait until every node in ``names`` is registered and up (with an uptime report newer
+    than ``after_ms[name]`` when given: a restarted agent must report again).
+
+    Raises :class:`TfgridError` if an agent exits, :class:`LedgerTimeout` after ``timeout_s``.
+    """
+    watched = [net.node(n) for n in names]
+    views: dict[str, NodeLedgerView] = {}
+    since = after_ms or {}
+
+    def ready(name: str) -> bool:
+        v = views.get(name)
+        return v is not None and v.status == "up" and v.last_uptime_ms > since.get(name, 0)
+
+    async with LedgerClient(genesis, net.peers(), timeout_s=chain.CLIENT_TIMEOUT_S) as client:
+        with trio.move_on_after(timeout_s):
+            while True:
+                for n in watched:
+                    if n.proc is None or not is_alive(n.proc):
+                        log = dn.log_file(net.root, n)
+                        raise TfgridError(f"{n.name} exited during start-up: "
+                                          f"{_last_log_line(log) or 'no output'} (log: {log})")
+                try:
+                    views = await _node_views(client, genesis, watched)
+                except (LedgerTimeout, TfgridError):
+                    views = {}
+                if all(ready(n) for n in names):
+                    progress_done()
+                    return views
+                progress(f"devnet: {sum(ready(n) for n in names)}/{len(names)} nodes up")
+                await trio.sleep(POLL_INTERVAL_S * 2)
+    progress_done()
+    late = [n for n in names if not ready(n)]
+    logs = ", ".join(str(dn.log_file(net.root, net.node(n))) for n in late[:3])
+    raise LedgerTimeout(f"node(s) {', '.join(late)} not registered and up after "
+                        f"{timeout_s:.0f}s; logs: {logs}")
+
+
+async def _create_farms(net: Devnet, genesis: Genesis) -> Devnet:
+    """Each farmer registers its twin (in parallel), then creates its farm (one after the other,
+    so that farmer-K owns farm K on a fresh chain). Farms already on the ledger are skipped."""
+    todo = [f for f in net.farms if f.farm_id is None]
+
+    async def twin_of(client: LedgerClient, farm: DevnetFarm) -> int | None:
+        key = dn.farmer_home(net.root, farm).load_identity()
+        index = await chain.read_entry(client, keyspace.twin_by_key(key.public_key))
+        return None if index is None else int(index["twin"])
+
+    async def register(client: LedgerClient, farm: DevnetFarm) -> None:
+        if await twin_of(client, farm) is None:
+            key = dn.farmer_home(net.root, farm).load_identity()
+            await chain.send_tx(client, key, genesis, "twin_register",
+                                {"name": farm.name, "endpoint": ""})
+
+    async with LedgerClient(genesis, net.peers(), timeout_s=chain.CLIENT_TIMEOUT_S) as client:
+        async with trio.open_nursery() as nursery:
+            for farm in todo:
+                nursery.start_soon(register, client, farm)
+        for farm in todo:
+            owner = await twin_of(client, farm)
+            key = dn.farmer_home(net.root, farm).load_identity()
+            await chain.send_tx(client, key, genesis, "farm_create",
+                                {"name": f"devnet {farm.name}", "country": farm.country})
+            farm_id = None
+            for fid in range(await chain.counter(client, "next_farm_id") - 1, 0, -1):
+                entry = await chain.read_entry(client, keyspace.farm(fid))
+                if entry is not None and int(entry["owner"]) == owner:
+                    farm_id = fid
+                    break
+            if farm_id is None:
+                raise NotFound(f"farm of {farm.name} was created but cannot be read back")
+            net = net.with_farm(replace(farm, farm_id=farm_id))
+            net.save()
+    return net
+
+
 # -- documents -----------------------------------------------------------------------------
 
 
 def _status_doc(net: Devnet, genesis: Genesis) -> dict[str, Any]:
     alive = {v.name for v in net.alive()}
     heights = trio.run(_heights, genesis, [v for v in net.validators if v.name in alive])
+    alive_nodes = {n.name for n in net.alive_nodes()}
+    views: dict[str, NodeLedgerView] = {}
+    if net.nodes and alive:
+        async def read_views() -> dict[str, NodeLedgerView]:
+            peers = [v.listen for v in net.validators if v.name in alive]
+            with trio.move_on_after(STATUS_TIMEOUT_S * 5):
+                async with LedgerClient(genesis, peers, timeout_s=STATUS_TIMEOUT_S) as client:
+                    return await _node_views(client, genesis, list(net.nodes))
+            return {}
+
+        try:
+            views = trio.run(read_views)
+        except TfgridError:
+            views = {}
     return {
         "home": str(net.root),
         "validators": [
@@ -245,18 +453,35 @@ def _status_doc(net: Devnet, genesis: Genesis) -> dict[str, Any]:
              "address": format_hostport(v.listen), "public_key": v.public_key}
             for v in net.validators
         ],
-        "nodes": [],
+        "nodes": [
+            {"name": n.name,
+             "id": views[n.name].id if n.name in views else None,
+             "pid": None if n.proc is None else n.proc.pid,
+             "alive": n.name in alive_nodes,
+             "data_dir": str(dn.data_dir(net.root, n)),
+             "farm": net.farm(n.farm).farm_id,
+             "country": net.farm(n.farm).country,
+             "status": views[n.name].status if n.name in views else None}
+            for n in net.nodes
+        ],
         "bots": [],
     }
 
 
 def _status_human(doc: dict[str, Any]) -> str:
-    return "\n".join([
+    lines = [
         f"devnet {doc['home']}",
         table(doc["validators"], [("name", "name"), ("pid", "pid"), ("alive", "alive"),
                                   ("height", "height"), ("address", "address")]),
-        "nodes: none (node agents are not available yet)",
-    ])
+    ]
+    if doc["nodes"]:
+        lines.append(table(doc["nodes"], [("name", "name"), ("id", "node id"), ("pid", "pid"),
+                                          ("alive", "alive"), ("status", "ledger"),
+                                          ("farm", "farm"), ("country", "country"),
+                                          ("data_dir", "data dir")]))
+    else:
+        lines.append("nodes: none (`devnet up --nodes N` starts node agents)")
+    return "\n".join(lines)
 
 
 def _devnet_dir(ctx: click.Context, directory: Path | None) -> Path:
@@ -280,36 +505,55 @@ def devnet() -> None:
 @json_option
 @click.option("--validators", "n_validators", type=click.IntRange(1, 64), default=None,
               help=f"Number of validators [default: {DEFAULT_VALIDATORS}].")
-@click.option("--nodes", "n_nodes", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Number of node agents.")
+@click.option("--nodes", "n_nodes", type=click.IntRange(0, 254), default=None,
+              help=f"Number of node agents (they run containers: needs root) "
+                   f"[default: {DEFAULT_NODES}].")
+@click.option("--farms", "n_farms", type=click.IntRange(1, 254), default=None,
+              help=f"Number of farms, each in another country; nodes are spread over them "
+                   f"[default: {DEFAULT_FARMS}, at most one per node].")
 @_dir_option
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=UP_TIMEOUT_S,
-              show_default=True, help="Seconds to wait until the grid is healthy.")
+              show_default=True, help="Seconds to wait for each step (validators, nodes).")
 @click.pass_context
-def up(ctx: click.Context, n_validators: int | None, n_nodes: int, directory: Path | None,
-       timeout_s: float) -> None:
+def up(ctx: click.Context, n_validators: int | None, n_nodes: int | None, n_farms: int | None,
+       directory: Path | None, timeout_s: float) -> None:
     """Start a devnet in DIR (or resume a stopped one) and make DIR a funded home."""
-    if n_nodes > 0:
-        raise ConfigError("node agents are not available yet: run `devnet up --nodes 0`")
     root = _devnet_dir(ctx, directory)
     home = Home(root)
     if home.devnet_file.exists():
         net = Devnet.load(root)
-        if net.alive():
+        if net.alive() or net.alive_nodes():
             raise ConfigError(f"a devnet is already running in {root} "
                               "(`tfgrid devnet status`, `tfgrid devnet down`)")
-        if n_validators is not None and n_validators != len(net.validators):
-            raise ConfigError(f"{root} holds a devnet of {len(net.validators)} validators, "
-                              f"not {n_validators}; use another --dir for a new one")
+        for what, asked, have in (("validators", n_validators, len(net.validators)),
+                                  ("nodes", n_nodes, len(net.nodes)),
+                                  ("farms", n_farms, len(net.farms))):
+            if asked is not None and asked != have:
+                raise ConfigError(f"{root} holds a devnet of {have} {what}, not {asked}; "
+                                  "use another --dir for a new one")
+        if net.nodes and not dn.is_root():
+            raise ConfigError("this devnet has node agents, which run containers with runc "
+                              "and need root")
     else:
-        net = _create(root, n_validators or DEFAULT_VALIDATORS)
+        nodes = DEFAULT_NODES if n_nodes is None else n_nodes
+        farms = n_farms if n_farms is not None else min(DEFAULT_FARMS, nodes)
+        if nodes and not dn.is_root():
+            raise ConfigError("node agents run containers with runc and need root: run as "
+                              "root, or pass --nodes 0 for a ledger-only devnet")
+        net = _create(root, n_validators or DEFAULT_VALIDATORS, nodes, farms)
     genesis = home.load_genesis()
     try:
         for v in net.validators:
             net = _start(net, v)
         trio.run(_wait_committing, net, genesis, [v.name for v in net.validators], timeout_s)
+        if net.farms:
+            net = trio.run(_create_farms, net, genesis)
+        for n in net.nodes:
+            net = _start_node(net, n)
+        if net.nodes:
+            trio.run(_wait_nodes_up, net, genesis, [n.name for n in net.nodes], timeout_s)
     except BaseException:
-        _stop_all(net)  # never leave half a devnet running behind an error
+        _down(net)  # never leave half a devnet running behind an error
         raise
     doc = _status_doc(net, genesis)
     doc["chain_id"] = net.chain_id
@@ -325,22 +569,35 @@ def up(ctx: click.Context, n_validators: int | None, n_nodes: int, directory: Pa
     emit(ctx, doc, human)
 
 
-def _create(root: Path, n_validators: int) -> Devnet:
+def _create(root: Path, n_validators: int, n_nodes: int, n_farms: int) -> Devnet:
     home = Home(root)
     if home.has_context() or home.has_identity():
         raise ConfigError(f"{root} is already a tfgrid home; choose an empty --dir for a devnet")
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root} is not empty; choose an empty --dir for a devnet")
+    suffix = os.urandom(3).hex()
     kp = keys.KeyPair.from_mnemonic(keys.new_mnemonic(os.urandom(32)))
+    farms = dn.plan_farms(n_farms)
+    farmer_seeds = [os.urandom(32) for _ in farms]
+    node_names = [f"node-{k + 1}" for k in range(n_nodes)]
+    node_keys = dn.create_node_keys(root, node_names)
+    nodes = dn.plan_nodes(node_names, farms, node_keys, suffix, dn.used_subnet_indexes()) \
+        if n_nodes else []
     listens = [("127.0.0.1", p) for p in free_ports("127.0.0.1", n_validators)]
+    accounts = [(kp.public_key, DEVNET_FUNDS)]
+    accounts += [(keys.KeyPair.from_seed(s).public_key, dn.FARMER_FUNDS) for s in farmer_seeds]
+    accounts += [(pk, dn.NODE_FUNDS) for pk in node_keys]
     genesis, specs = create_network(
-        root, chain_id=f"devnet-{os.urandom(3).hex()}", listens=listens,
-        accounts=[(kp.public_key, DEVNET_FUNDS)], params=DEVNET_PARAMS,
+        root, chain_id=f"devnet-{suffix}", listens=listens, accounts=accounts,
+        params=DEVNET_PARAMS,
     )
     home.save_identity(kp)
     home.save_context(LedgerContext(tuple(listens), genesis.chain_id, home.genesis_file))
+    for farm, seed in zip(farms, farmer_seeds, strict=True):
+        dn.save_farmer_home(root, farm, seed, listens, genesis.chain_id)
     net = Devnet(root, genesis.chain_id, tuple(
-        DevnetValidator(s.name, s.listen, s.address, None) for s in specs))
+        DevnetValidator(s.name, s.listen, s.address, None) for s in specs),
+        tuple(farms), tuple(nodes))
     net.save()
     return net
 
@@ -350,7 +607,7 @@ def _create(root: Path, n_validators: int) -> Devnet:
 @_dir_option
 @click.pass_context
 def status(ctx: click.Context, directory: Path | None) -> None:
-    """Every devnet process: pid, alive, height, address."""
+    """Every devnet process: pid, alive, height/address (validators), node id/status (nodes)."""
     net = Devnet.load(_devnet_dir(ctx, directory))
     emit(ctx, _status_doc(net, Home(net.root).load_genesis()), _status_human)
 
@@ -360,13 +617,22 @@ def status(ctx: click.Context, directory: Path | None) -> None:
 @_dir_option
 @click.pass_context
 def down(ctx: click.Context, directory: Path | None) -> None:
-    """Stop every process this devnet started (its data stays; `devnet up` resumes it)."""
+    """Stop every process this devnet started and remove its agents' containers and
+    networks (the chain and node keys stay; `devnet up` resumes and the agents redeploy)."""
     net = Devnet.load(_devnet_dir(ctx, directory))
     t0 = time.monotonic()
-    net, stopped = _stop_all(net)
+    net, stopped, removed = _down(net)
     doc = {"home": str(net.root), "stopped": stopped,
+           "removed_containers": sorted(c for ids in removed.values() for c in ids),
            "seconds": round(time.monotonic() - t0, 2)}
-    emit(ctx, doc, lambda d: f"stopped {', '.join(d['stopped']) or 'nothing (all were down)'}")
+
+    def human(d: dict[str, Any]) -> str:
+        text = f"stopped {', '.join(d['stopped']) or 'nothing (all were down)'}"
+        if d["removed_containers"]:
+            text += f"\nremoved containers {', '.join(d['removed_containers'])}"
+        return text
+
+    emit(ctx, doc, human)
 
 
 @devnet.command(name="stop")
@@ -375,11 +641,18 @@ def down(ctx: click.Context, directory: Path | None) -> None:
 @_dir_option
 @click.pass_context
 def stop_cmd(ctx: click.Context, name: str, directory: Path | None) -> None:
-    """Stop one process of the devnet (e.g. validator-2), for fault drills."""
+    """Stop one process of the devnet (validator-2, node-3), for fault drills.
+
+    A stopped node agent leaves its containers running; started again, it adopts them."""
     net = Devnet.load(_devnet_dir(ctx, directory))
-    v = net.get(name)
-    was_alive = v.proc is not None and is_alive(v.proc)
-    _stop(net, v)
+    if net.is_node(name):
+        n = net.node(name)
+        was_alive = n.proc is not None and is_alive(n.proc)
+        _stop_node(net, n)
+    else:
+        v = net.get(name)
+        was_alive = v.proc is not None and is_alive(v.proc)
+        _stop(net, v)
     emit(ctx, {"name": name, "stopped": was_alive},
          lambda d: f"{name} stopped" if d["stopped"] else f"{name} was not running")
 
@@ -389,15 +662,19 @@ def stop_cmd(ctx: click.Context, name: str, directory: Path | None) -> None:
 @click.argument("name")
 @_dir_option
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=UP_TIMEOUT_S,
-              show_default=True, help="Seconds to wait until it has caught up.")
+              show_default=True, help="Seconds to wait until it has caught up / is up.")
 @click.pass_context
 def start_cmd(ctx: click.Context, name: str, directory: Path | None, timeout_s: float) -> None:
-    """Start one stopped process of the devnet again and wait until it follows the chain."""
+    """Start one stopped process of the devnet again and wait until it follows the chain
+    (a validator) or has reported uptime again (a node)."""
     net = Devnet.load(_devnet_dir(ctx, directory))
+    genesis = Home(net.root).load_genesis()
+    if net.is_node(name):
+        _start_one_node(ctx, net, genesis, name, timeout_s)
+        return
     v = net.get(name)
     if v.proc is not None and is_alive(v.proc):
         raise ConfigError(f"{name} is already running (pid {v.proc.pid})")
-    genesis = Home(net.root).load_genesis()
     others = trio.run(_heights, genesis, [o for o in net.alive() if o.name != name])
     chain_height = max((h for h in others.values() if h is not None), default=0)
     net = _start(net, v)
@@ -410,3 +687,30 @@ def start_cmd(ctx: click.Context, name: str, directory: Path | None, timeout_s: 
     rec = net.get(name).proc
     emit(ctx, {"name": name, "pid": None if rec is None else rec.pid, "height": heights[name]},
          lambda d: f"{name} running (pid {d['pid']}), at height {d['height']}")
+
+
+def _start_one_node(ctx: click.Context, net: Devnet, genesis: Genesis, name: str,
+                    timeout_s: float) -> None:
+    n = net.node(name)
+    if n.proc is not None and is_alive(n.proc):
+        raise ConfigError(f"{name} is already running (pid {n.proc.pid})")
+    if not dn.is_root():
+        raise ConfigError("node agents run containers with runc and need root")
+
+    async def last_reports() -> dict[str, int]:
+        async with LedgerClient(genesis, net.peers(), timeout_s=chain.CLIENT_TIMEOUT_S) as c:
+            views = await _node_views(c, genesis, [n])
+        return {k: v.last_uptime_ms for k, v in views.items()}
+
+    before = trio.run(last_reports)
+    net = _start_node(net, n)
+    try:
+        views = trio.run(partial(_wait_nodes_up, after_ms=before), net, genesis, [name],
+                         timeout_s)
+    except BaseException:
+        _stop_node(net, net.node(name))
+        raise
+    rec = net.node(name).proc
+    emit(ctx, {"name": name, "pid": None if rec is None else rec.pid, "id": views[name].id,
+               "status": views[name].status},
+         lambda d: f"{name} running (pid {d['pid']}), node {d['id']} is {d['status']}")

@@ -216,8 +216,8 @@ def test_farm_without_twin_is_one_line_error(devnet: Devnet) -> None:
 def test_usage_errors_are_one_line(devnet: Devnet) -> None:
     assert_one_line_error(devnet.run("account", "transfer", ok=False), "Missing argument")
     assert_one_line_error(devnet.run("no-such-command", ok=False), "no-such-command")
-    assert_one_line_error(devnet.run("devnet", "up", "--nodes", "3", "--dir",
-                                     str(devnet.base / "n"), ok=False), "not available yet")
+    assert_one_line_error(devnet.run("devnet", "up", "--nodes", "3", "--farms", "0", "--dir",
+                                     str(devnet.base / "n"), ok=False), "--farms")
     assert not (devnet.base / "n").exists()
 
 

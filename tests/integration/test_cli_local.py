@@ -106,11 +106,12 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     assert err.strip().splitlines()[-1].startswith("tfgrid: error: ")
 
 
-def test_nodes_are_refused_before_anything_is_created(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "devnet", "up", "--nodes", "2", "--dir", str(tmp_path / "d"))
-    assert code == 1
-    assert "not available yet" in one_line_error(err)
+def test_bad_devnet_shape_is_refused_before_anything_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "devnet", "up", "--nodes", "2", "--farms", "0",
+                       "--dir", str(tmp_path / "d"))
+    assert code == 2
+    assert "--farms" in one_line_error(err)
     assert not (tmp_path / "d").exists()
 
 
