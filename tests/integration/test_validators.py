@@ -20,8 +20,9 @@ from ledger.client import LedgerClient
 from ledger.codec import unpack
 from ledger.errors import InvalidTx
 from ledger.keys import KeyPair
+from ledger.peer import auth_message, check_auth, hello_message, new_challenge
 from ledger.store import Store
-from ledger.types import PRECOMMIT, Block, Commit, Header, Vote
+from ledger.types import NIL, PRECOMMIT, PREVOTE, Block, Commit, Header, Vote
 from tests.conftest import FUNDS, Cluster, RawClient, poll, transfer
 
 pytestmark = pytest.mark.slow
@@ -253,3 +254,36 @@ async def test_header_and_key_subscriptions(
         assert seen == list(range(seen[0], seen[0] + 3))
     # SIGTERM is a clean stop
     assert [c.stop(i) for i in range(4)] == [0, 0, 0, 0]
+
+
+
+async def test_conflicting_votes_are_recorded_as_evidence(
+    cluster_factory: Callable[..., Cluster]
+) -> None:
+    """The negative control of the double-sign checks above: a validator key that does sign
+    two different prevotes for one (height, round) ends up in the evidence store."""
+    c = cluster_factory(4, empty_block_interval_ms=3_600_000)  # no blocks: height 1 stays open
+    g = c.genesis
+    culprit = c.keys[1]
+    c.stop(1)  # its key is used from here on by this test, as a Byzantine peer
+    client = await RawClient.connect(c[0].addr)
+    try:
+        challenge = new_challenge()
+        await client.send(hello_message(g.chain_id, g.hash(), culprit, challenge))
+        hello = await client.receive()
+        check_auth(await client.receive(), chain_id=g.chain_id, their_key=c.keys[0].public_key,
+                   our_challenge=challenge, genesis_hash=g.hash())
+        await client.send(auth_message(culprit, g.chain_id, hello["hello"]["challenge"], g.hash()))
+        votes = [Vote(PREVOTE, 1, 0, bh, culprit.public_key).signed(culprit, g.chain_id)
+                 for bh in (b"\x42" * 32, NIL)]
+        for vote in votes:
+            await client.send({"gossip": "vote", "vote": vote.to_wire()})
+        # answered after both votes were handled: frames of one connection are taken in order
+        assert (await client.call("status"))["height"] == 0
+    finally:
+        await client.aclose()
+    c.stop(0)
+    with Store(c[0].home / "ledger.sqlite") as store:
+        evidence = store.evidence()
+    assert len(evidence) == 1
+    assert {evidence[0][0], evidence[0][1]} == set(votes)
