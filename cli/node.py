@@ -7,7 +7,9 @@ block time, else ``down``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,7 +18,7 @@ from cli import chain
 from cli.output import emit, human_age, human_bytes, json_option, pairs, table
 from ledger import keyspace
 from ledger.client import LedgerClient
-from ledger.errors import NotFound
+from ledger.errors import ConfigError, NotFound
 from ledger.state import Params, node_status
 from ledger.types import Genesis
 
@@ -185,3 +187,56 @@ def show(ctx: click.Context, node_id: int) -> None:
         })
 
     emit(ctx, doc, human)
+
+
+@node.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Agent config file (TOML, or JSON if it ends in .json).")
+@click.option("--farm", "farm_id", type=click.IntRange(min=1), default=None,
+              help="The farm this node belongs to.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Node key, containers, volumes, images (the node's data disk).")
+@click.option("--country", default=None, metavar="CC", help="Node location: country code.")
+@click.option("--city", default=None, help="Node location: city.")
+@click.option("--reserve-percent", type=click.IntRange(0, 99), default=None,
+              help="Share of the machine kept for the system [default 10].")
+@click.option("--host-address", default=None,
+              help="Address where published container ports are reachable.")
+@click.option("--agent-id", default=None, help="Names this agent's host network objects.")
+@click.option("--subnet-index", type=click.IntRange(1, 254), default=None,
+              help="This agent's container /24 (distinct per agent on one machine).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.pass_context
+def run(ctx: click.Context, config_path: Path | None, farm_id: int | None,
+        data_dir: Path | None, country: str | None, city: str | None,
+        reserve_percent: int | None, host_address: str | None, agent_id: str | None,
+        subnet_index: int | None, log_file: Path | None) -> None:
+    """Run the node agent in the foreground (as root) until SIGTERM or Ctrl-C.
+
+    Ledger peers and genesis come from the config file or else from this home's context.
+    Stopping the agent leaves its containers running; the next start adopts them.
+    """
+    from zos_agent import config as agent_config
+    from zos_agent.identity import load_or_create_node_key
+    from zos_agent.main import run_agent
+
+    in_file = agent_config.read_file(config_path) if config_path is not None else {}
+    overrides: dict[str, Any] = {
+        "farm_id": farm_id, "data_dir": data_dir, "country": country, "city": city,
+        "reserve_percent": reserve_percent, "host_address": host_address,
+        "agent_id": agent_id, "subnet_index": subnet_index, "log_file": log_file,
+    }
+    if "peers" not in in_file or "genesis" not in in_file:
+        home = chain.home_of(ctx)
+        try:
+            context = home.load_context()
+        except ConfigError as exc:
+            raise ConfigError(f"no ledger peers: give --config with peers and genesis, or "
+                              f"use a home with a context ({exc})") from None
+        overrides["peers"] = in_file.get("peers", list(context.peers))
+        overrides["genesis"] = in_file.get("genesis", context.genesis_path)
+    cfg = agent_config.load(config_path, overrides)
+    key = load_or_create_node_key(cfg.data_dir)
+    click.echo(f"node key {key.address} (it pays its own fees: fund it with "
+               f"`tfgrid account transfer {key.address} AMOUNT`)", err=True)
+    sys.exit(run_agent(cfg))
