@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 import trio
 
-from ledger.codec import pack
 from ledger.config import init_validator_home, make_genesis
 from ledger.errors import InvalidTx
 from ledger.keys import KeyPair
 from ledger.tx import Tx
+from ledger.types import Block
 from ledger.wire import NEED_DATA, FrameDecoder, encode_frame
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,8 +272,6 @@ class Cluster:
 
     async def block_hash(self, i: int, height: int) -> bytes:
         res = await call_once(self.validators[i].addr, "block", {"height": height})
-        from ledger.types import Block
-
         return Block.from_wire(res["block"]).hash()
 
     async def wait_height(self, i: int, height: int, *, timeout_s: float = 30.0) -> None:
@@ -345,5 +343,3 @@ def funded() -> list[KeyPair]:
 
 
 FUNDS = 10**15
-
-__all__ = ["ApiError", "Cluster", "RawClient", "call_once", "pack", "poll", "transfer"]
