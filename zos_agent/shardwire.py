@@ -1,0 +1,801 @@
+"""The shard-store wire protocol (sans-IO): messages, signing, replay protection, framing.
+
+This is the one module of ``zos_agent`` that ``threebot`` may import (design section 1): the
+store (:mod:`zos_agent.shardstore`) and the storage client both speak through it. It does no
+I/O; the trio drivers own the sockets and files.
+
+Transport
+---------
+TCP, frames from :mod:`ledger.wire` (4-byte big-endian length + canonical msgpack map), at
+most :data:`MAX_FRAME` bytes per frame in both directions. A frame above that is a remote
+protocol error: the store answers ``too_large`` and closes that connection only. Requests and
+responses strictly alternate per connection (a client may pipeline; answers come in order).
+
+Chunking (why frames are small although shards are not)
+-------------------------------------------------------
+A 64 MiB object becomes 20 shards of a little over 4 MiB; bigger objects make bigger shards.
+Rather than raising the frame limit with every object size, a shard is moved in chunks of at
+most :data:`MAX_CHUNK` (1 MiB) of data per frame, so a connection never makes the store buffer
+more than ~1 MiB, and shards up to :data:`MAX_SHARD_SIZE` fit:
+
+- upload: one signed ``put`` that announces the shard's total ``size`` and carries the first
+  chunk, then unsigned ``append`` frames on the same connection with the following chunks in
+  order (``offset`` = bytes sent so far). The chunk that reaches ``size`` commits the shard
+  (atomically: temp file, fsync, rename); a shard of at most 1 MiB is a single ``put``.
+  The upload session belongs to the connection: closing the connection aborts it, and an
+  ``append`` that does not continue the open upload is a protocol error (``bad_state``) that
+  closes the connection. One upload at a time per connection; open more connections for
+  parallel uploads.
+- download: ``get`` with ``offset`` and ``length`` (at most :data:`MAX_CHUNK`); each answer
+  carries the shard's total ``size`` and ``hash``. Reads aligned to :data:`BLOCK_SIZE` touch
+  the fewest stored blocks.
+
+Requests (every request also has ``"v": 1``)
+--------------------------------------------
+==========  =======================================================================================
+op          fields
+==========  =======================================================================================
+put         ns:int, shard_id:bytes32, size:int, hash:bytes (32 or empty), nonce:int, owner:bytes32,
+            sig:bytes64, data:bytes (the first chunk: ``min(size, MAX_CHUNK)`` bytes)
+append      ns, shard_id, offset:int, data:bytes (1..MAX_CHUNK), hash:bytes (32 or empty; checked
+            against the whole shard when this chunk completes it)
+get         ns, shard_id, offset:int, length:int (0..MAX_CHUNK)
+delete      ns, shard_id, nonce, owner, sig
+stat        ns
+verify      ns, shard_id  (the store re-hashes the whole shard; no data is sent)
+==========  =======================================================================================
+
+Responses: ``{"v": 1, "ok": True, "r": kind, ...}`` or ``{"v": 1, "ok": False, "code", "message"}``.
+
+==========  ==================================================  ===============================
+r           fields                                              answers
+==========  ==================================================  ===============================
+accepted    received:int (bytes of the upload so far)           a put/append that is not last
+stored      size, hash (BLAKE2b-256 of the whole shard)         the put/append that completed it
+data        size, hash, offset, data                            get
+deleted     freed:int (bytes of quota released)                 delete
+stat        used, quota, count                                  stat
+verified    size, hash                                          verify
+==========  ==================================================  ===============================
+
+Signed bytes (writes and deletes)
+---------------------------------
+``ledger.codec.signing_bytes("tfgrid/shard/v1", chain_id, [op, ns, shard_id, size, hash, nonce])``
+signed with the namespace owner's ed25519 key (the contract's ``owner_key``); a delete signs
+``size = 0`` and ``hash = b""``. The contract id ``ns`` names exactly one node's namespace and
+the chain id one grid, so a signature cannot be replayed on another node or chain. A ``put``
+that signs the shard's hash binds the content to the owner (the store refuses to commit other
+bytes: ``bad_hash``); a streaming client that cannot know the hash before sending signs
+``b""`` and checks the ``hash`` in the ``stored`` answer (and its own Merkle roots on read).
+
+Replay protection
+-----------------
+Each signed request carries a ``nonce`` (1 .. 2**63-1) that must be unique per namespace. The
+store keeps, per namespace and on disk (so a restart does not reopen old requests), the set of
+the last :data:`REPLAY_WINDOW` accepted nonces and a ``floor``: a nonce is refused (``replay``)
+if it is at or below the floor or already in the set. When the set overflows, its smallest
+nonce becomes the floor. Nonces need not arrive in order (parallel connections are fine) but
+must not lag the newest by more than the window; :func:`next_nonce` (microseconds of wall
+clock, made strictly increasing) does that across client restarts. The store records a nonce
+on disk before it acts on the request: a crash in between loses the request, never repeats it.
+
+Error codes (:class:`ErrorCode`); the fatal ones close the connection after the answer:
+``malformed``*, ``too_large`` (* when a frame), ``unsupported_version``*, ``bad_state``*,
+``unknown_namespace``, ``not_owner``, ``bad_signature``, ``replay``, ``quota_exceeded``,
+``not_found``, ``corrupt``, ``bad_hash``, ``internal``.
+
+Quota counts shard data bytes (what ``size`` says), reserved when a ``put`` is accepted, so
+an upload that would not fit is refused before any byte is written. Replacing a shard id
+(a new ``put`` of an existing id) is allowed; the old size is released when the new one
+commits.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ledger import keys
+from ledger.codec import HASH_SIZE, hash_bytes, signing_bytes
+from ledger.errors import (
+    BadSignature,
+    FrameTooLarge,
+    LocalProtocolError,
+    MalformedFrame,
+    RemoteProtocolError,
+    TfgridError,
+)
+from ledger.wire import NEED_DATA, FrameDecoder, NeedData, encode_frame
+
+PROTOCOL_VERSION: Final = 1
+SIGN_DOMAIN: Final = "tfgrid/shard/v1"
+SHARD_ID_SIZE: Final = 32
+MAX_CHUNK: Final = 1 << 20
+# Room for every field of a put next to a full chunk (ids, hash, key, signature, map keys).
+MAX_FRAME: Final = MAX_CHUNK + 4096
+MAX_SHARD_SIZE: Final = 1 << 32
+BLOCK_SIZE: Final = 256 * 1024
+REPLAY_WINDOW: Final = 1024
+MAX_NONCE: Final = (1 << 63) - 1
+_MAX_MESSAGE: Final = 256
+
+
+class ErrorCode(enum.StrEnum):
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    BAD_STATE = "bad_state"
+    UNKNOWN_NAMESPACE = "unknown_namespace"
+    NOT_OWNER = "not_owner"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAY = "replay"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    NOT_FOUND = "not_found"
+    CORRUPT = "corrupt"
+    BAD_HASH = "bad_hash"
+    INTERNAL = "internal"
+
+
+class ShardRefused(TfgridError):
+    """The store refused a well-formed request (bad signature, replay, quota, not found, ...).
+
+    Raised by the store's request checks and by :func:`raise_for_error` on the client side;
+    ``code`` is an :class:`ErrorCode`. The connection stays usable.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ShardProtocolError(RemoteProtocolError):
+    """The peer broke the protocol (malformed or oversized frame, bad field, out-of-order
+    append, unsupported version). The store answers with ``code`` and closes the connection;
+    a client closes its connection to that store."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks
+
+
+def _bad(message: str) -> ShardProtocolError:
+    return ShardProtocolError(ErrorCode.MALFORMED, message)
+
+
+def _fields(msg: dict[str, Any], required: frozenset[str]) -> None:
+    keys_ = frozenset(msg)
+    if keys_ != required:
+        missing = sorted(required - keys_)
+        extra = sorted(keys_ - required)
+        raise _bad(f"fields: missing {missing}, unexpected {extra}")
+
+
+def _int(msg: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    value = msg[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{name} must be an integer")
+    if not lo <= value <= hi:
+        raise _bad(f"{name}={value} outside {lo}..{hi}")
+    return value
+
+
+def _bytes(msg: dict[str, Any], name: str, sizes: tuple[int, ...]) -> bytes:
+    value = msg[name]
+    if not isinstance(value, bytes):
+        raise _bad(f"{name} must be bytes")
+    if len(value) not in sizes:
+        raise _bad(f"{name} must be {' or '.join(map(str, sizes))} bytes, got {len(value)}")
+    return value
+
+
+def _data(msg: dict[str, Any], name: str = "data") -> bytes:
+    value = msg[name]
+    if not isinstance(value, bytes):
+        raise _bad(f"{name} must be bytes")
+    if len(value) > MAX_CHUNK:
+        raise ShardProtocolError(ErrorCode.TOO_LARGE, f"chunk of {len(value)} bytes > {MAX_CHUNK}")
+    return value
+
+
+def _ns(msg: dict[str, Any]) -> int:
+    return _int(msg, "ns", 0, MAX_NONCE)
+
+
+def _sid(msg: dict[str, Any]) -> bytes:
+    return _bytes(msg, "shard_id", (SHARD_ID_SIZE,))
+
+
+def _check_local(ok: bool, message: str) -> None:
+    if not ok:
+        raise LocalProtocolError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# requests
+
+_PUT = frozenset({"v", "op", "ns", "shard_id", "size", "hash", "nonce", "owner", "sig", "data"})
+_APPEND = frozenset({"v", "op", "ns", "shard_id", "offset", "data", "hash"})
+_GET = frozenset({"v", "op", "ns", "shard_id", "offset", "length"})
+_DELETE = frozenset({"v", "op", "ns", "shard_id", "nonce", "owner", "sig"})
+_STAT = frozenset({"v", "op", "ns"})
+_VERIFY = frozenset({"v", "op", "ns", "shard_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Start (and, if ``data`` is the whole shard, finish) an upload of ``size`` bytes."""
+
+    ns: int
+    shard_id: bytes
+    size: int
+    hash: bytes
+    nonce: int
+    owner: bytes
+    sig: bytes
+    data: bytes
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.data) == self.size
+
+    def signed_body(self) -> list[Any]:
+        return ["put", self.ns, self.shard_id, self.size, self.hash, self.nonce]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION, "op": "put", "ns": self.ns, "shard_id": self.shard_id,
+            "size": self.size, "hash": self.hash, "nonce": self.nonce, "owner": self.owner,
+            "sig": self.sig, "data": self.data,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Put:
+        _fields(msg, _PUT)
+        size = _int(msg, "size", 0, MAX_SHARD_SIZE)
+        data = _data(msg)
+        if len(data) != min(size, MAX_CHUNK):
+            raise _bad(f"a put carries the first min(size, {MAX_CHUNK}) bytes, got {len(data)}")
+        return cls(
+            ns=_ns(msg), shard_id=_sid(msg), size=size,
+            hash=_bytes(msg, "hash", (0, HASH_SIZE)), nonce=_int(msg, "nonce", 1, MAX_NONCE),
+            owner=_bytes(msg, "owner", (keys.PUBLIC_KEY_SIZE,)),
+            sig=_bytes(msg, "sig", (keys.SIGNATURE_SIZE,)), data=data,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """The next chunk of the upload open on this connection."""
+
+    ns: int
+    shard_id: bytes
+    offset: int
+    data: bytes
+    hash: bytes = b""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION, "op": "append", "ns": self.ns, "shard_id": self.shard_id,
+            "offset": self.offset, "data": self.data, "hash": self.hash,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Append:
+        _fields(msg, _APPEND)
+        data = _data(msg)
+        if not data:
+            raise _bad("an append carries at least one byte")
+        return cls(
+            ns=_ns(msg), shard_id=_sid(msg), offset=_int(msg, "offset", 1, MAX_SHARD_SIZE),
+            data=data, hash=_bytes(msg, "hash", (0, HASH_SIZE)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    ns: int
+    shard_id: bytes
+    offset: int = 0
+    length: int = MAX_CHUNK
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION, "op": "get", "ns": self.ns, "shard_id": self.shard_id,
+            "offset": self.offset, "length": self.length,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Get:
+        _fields(msg, _GET)
+        return cls(
+            ns=_ns(msg), shard_id=_sid(msg), offset=_int(msg, "offset", 0, MAX_SHARD_SIZE),
+            length=_int(msg, "length", 0, MAX_CHUNK),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    ns: int
+    shard_id: bytes
+    nonce: int
+    owner: bytes
+    sig: bytes
+
+    def signed_body(self) -> list[Any]:
+        return ["delete", self.ns, self.shard_id, 0, b"", self.nonce]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION, "op": "delete", "ns": self.ns, "shard_id": self.shard_id,
+            "nonce": self.nonce, "owner": self.owner, "sig": self.sig,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Delete:
+        _fields(msg, _DELETE)
+        return cls(
+            ns=_ns(msg), shard_id=_sid(msg), nonce=_int(msg, "nonce", 1, MAX_NONCE),
+            owner=_bytes(msg, "owner", (keys.PUBLIC_KEY_SIZE,)),
+            sig=_bytes(msg, "sig", (keys.SIGNATURE_SIZE,)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    ns: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "op": "stat", "ns": self.ns}
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Stat:
+        _fields(msg, _STAT)
+        return cls(ns=_ns(msg))
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    ns: int
+    shard_id: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "op": "verify", "ns": self.ns, "shard_id": self.shard_id}
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Verify:
+        _fields(msg, _VERIFY)
+        return cls(ns=_ns(msg), shard_id=_sid(msg))
+
+
+Request = Put | Append | Get | Delete | Stat | Verify
+SignedRequest = Put | Delete
+
+_REQUESTS: dict[str, type[Put] | type[Append] | type[Get] | type[Delete] | type[Stat] | type[Verify]] = {
+    "put": Put, "append": Append, "get": Get, "delete": Delete, "stat": Stat, "verify": Verify,
+}
+
+
+def parse_request(msg: Any) -> Request:
+    """A request from a decoded frame.
+
+    Raises :class:`ShardProtocolError` (``malformed``, ``too_large``, ``unsupported_version``).
+    """
+    if not isinstance(msg, dict):
+        raise _bad("a request is a map")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ShardProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION, f"protocol version {msg.get('v')!r} (this store speaks 1)"
+        )
+    op = msg.get("op")
+    cls = _REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise _bad(f"unknown op {op!r}")
+    return cls.from_wire(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# responses
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    size: int
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    size: int
+    hash: bytes
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatResult:
+    used: int
+    quota: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    size: int
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: ErrorCode
+    message: str
+
+    @property
+    def fatal(self) -> bool:
+        """True if the store closes the connection after sending this error."""
+        return self.code in _FATAL
+
+
+_FATAL: Final = frozenset(
+    {ErrorCode.MALFORMED, ErrorCode.TOO_LARGE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BAD_STATE}
+)
+
+Response = Accepted | Stored | Data | Deleted | StatResult | Verified | Error
+
+_RESPONSE_FIELDS: dict[str, frozenset[str]] = {
+    "accepted": frozenset({"received"}),
+    "stored": frozenset({"size", "hash"}),
+    "data": frozenset({"size", "hash", "offset", "data"}),
+    "deleted": frozenset({"freed"}),
+    "stat": frozenset({"used", "quota", "count"}),
+    "verified": frozenset({"size", "hash"}),
+}
+_BIG: Final = 1 << 64
+
+
+def response_to_wire(resp: Response) -> dict[str, Any]:
+    """The wire map of a response."""
+    head: dict[str, Any] = {"v": PROTOCOL_VERSION}
+    match resp:
+        case Error(code=code, message=message):
+            return head | {"ok": False, "code": code.value, "message": message[:_MAX_MESSAGE]}
+        case Accepted(received=received):
+            return head | {"ok": True, "r": "accepted", "received": received}
+        case Stored(size=size, hash=h):
+            return head | {"ok": True, "r": "stored", "size": size, "hash": h}
+        case Data(size=size, hash=h, offset=offset, data=data):
+            return head | {"ok": True, "r": "data", "size": size, "hash": h, "offset": offset,
+                           "data": data}
+        case Deleted(freed=freed):
+            return head | {"ok": True, "r": "deleted", "freed": freed}
+        case StatResult(used=used, quota=quota, count=count):
+            return head | {"ok": True, "r": "stat", "used": used, "quota": quota, "count": count}
+        case Verified(size=size, hash=h):
+            return head | {"ok": True, "r": "verified", "size": size, "hash": h}
+    raise LocalProtocolError(f"not a response: {resp!r}")  # pragma: no cover - exhaustive
+
+
+def parse_response(msg: Any) -> Response:
+    """A response from a decoded frame. Raises :class:`ShardProtocolError` if malformed."""
+    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+        raise _bad("a response is a version-1 map")
+    ok = msg.get("ok")
+    if ok is False:
+        _fields(msg, frozenset({"v", "ok", "code", "message"}))
+        code, message = msg["code"], msg["message"]
+        if not isinstance(message, str) or not isinstance(code, str):
+            raise _bad("error code and message are strings")
+        try:
+            return Error(ErrorCode(code), message[:_MAX_MESSAGE])
+        except ValueError:
+            raise _bad(f"unknown error code {code!r}") from None
+    if ok is not True:
+        raise _bad("ok must be a bool")
+    kind = msg.get("r")
+    fields = _RESPONSE_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise _bad(f"unknown response kind {kind!r}")
+    _fields(msg, fields | {"v", "ok", "r"})
+    match kind:
+        case "accepted":
+            return Accepted(_int(msg, "received", 0, MAX_SHARD_SIZE))
+        case "stored":
+            return Stored(_int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)))
+        case "data":
+            return Data(
+                _int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)),
+                _int(msg, "offset", 0, MAX_SHARD_SIZE), _data(msg),
+            )
+        case "deleted":
+            return Deleted(_int(msg, "freed", 0, MAX_SHARD_SIZE))
+        case "stat":
+            return StatResult(
+                _int(msg, "used", 0, _BIG), _int(msg, "quota", 0, _BIG), _int(msg, "count", 0, _BIG)
+            )
+        case _:
+            return Verified(_int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)))
+
+
+def raise_for_error(resp: Response) -> Response:
+    """Return ``resp``, or raise :class:`ShardRefused` if it is an :class:`Error`."""
+    if isinstance(resp, Error):
+        raise ShardRefused(resp.code, resp.message)
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# client-side builders
+
+
+def request_sign_bytes(chain_id: str, body: list[Any]) -> bytes:
+    """The exact bytes an owner signs for a put or delete (``body`` from ``signed_body()``)."""
+    return signing_bytes(SIGN_DOMAIN, chain_id, body)
+
+
+def next_nonce(last: int, now_us: int) -> int:
+    """A nonce above ``last``: ``now_us`` (wall-clock microseconds, passed in) unless the clock
+    has not moved past ``last``. Keeps nonces increasing across client restarts."""
+    return max(last + 1, now_us, 1)
+
+
+def make_put(
+    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, size: int, first_chunk: bytes,
+    nonce: int, *, shard_hash: bytes = b"",
+) -> Put:
+    """A signed ``put`` of a ``size``-byte shard whose first chunk is ``first_chunk``.
+
+    Pass ``shard_hash`` (BLAKE2b-256 of the whole shard) when it is known to bind the content to
+    the signature; a streaming upload passes nothing. Raises :class:`LocalProtocolError` for
+    arguments the store would refuse as malformed.
+    """
+    _check_local(len(shard_id) == SHARD_ID_SIZE, "shard ids are 32 bytes")
+    _check_local(0 <= size <= MAX_SHARD_SIZE, f"shard size must be 0..{MAX_SHARD_SIZE}")
+    _check_local(len(first_chunk) == min(size, MAX_CHUNK), "first chunk is min(size, MAX_CHUNK)")
+    _check_local(len(shard_hash) in (0, HASH_SIZE), "shard hash is 32 bytes or empty")
+    _check_local(1 <= nonce <= MAX_NONCE, "nonce must be 1..2**63-1")
+    _check_local(0 <= ns <= MAX_NONCE, "ns must be a contract id")
+    unsigned = Put(ns, shard_id, size, shard_hash, nonce, key.public_key, b"", first_chunk)
+    sig = key.sign(request_sign_bytes(chain_id, unsigned.signed_body()))
+    return Put(ns, shard_id, size, shard_hash, nonce, key.public_key, sig, first_chunk)
+
+
+def make_delete(key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, nonce: int) -> Delete:
+    """A signed ``delete``. Raises :class:`LocalProtocolError` on bad arguments."""
+    _check_local(len(shard_id) == SHARD_ID_SIZE, "shard ids are 32 bytes")
+    _check_local(1 <= nonce <= MAX_NONCE, "nonce must be 1..2**63-1")
+    unsigned = Delete(ns, shard_id, nonce, key.public_key, b"")
+    sig = key.sign(request_sign_bytes(chain_id, unsigned.signed_body()))
+    return Delete(ns, shard_id, nonce, key.public_key, sig)
+
+
+def upload_requests(
+    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, data: bytes, nonce: int
+) -> list[Put | Append]:
+    """Every request of an in-memory upload: a ``put`` that signs the whole shard's hash, then
+    the ``append`` chunks. Send them in order on one connection; the last answer is ``stored``."""
+    shard_hash = hash_bytes(data)
+    reqs: list[Put | Append] = [
+        make_put(key, chain_id, ns, shard_id, len(data), data[:MAX_CHUNK], nonce,
+                 shard_hash=shard_hash)
+    ]
+    for offset in range(MAX_CHUNK, len(data), MAX_CHUNK):
+        chunk = data[offset : offset + MAX_CHUNK]
+        last = offset + len(chunk) == len(data)
+        reqs.append(Append(ns, shard_id, offset, chunk, shard_hash if last else b""))
+    return reqs
+
+
+# ---------------------------------------------------------------------------------------------
+# server-side checks
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """What the store knows of a namespace: the contract owner's key and the quota in bytes."""
+
+    owner: bytes
+    quota: int
+
+
+class ReplayWindow:
+    """Per-namespace nonces already used: a ``floor`` (everything at or below is used) and the
+    set of at most :data:`REPLAY_WINDOW` accepted nonces above it. Persist it with
+    :meth:`to_wire` before acting on a request."""
+
+    __slots__ = ("floor", "_seen")
+
+    def __init__(self, floor: int = 0, seen: frozenset[int] | set[int] = frozenset()) -> None:
+        self.floor = floor
+        self._seen = {n for n in seen if n > floor}
+        self._trim()
+
+    def is_fresh(self, nonce: int) -> bool:
+        return nonce > self.floor and nonce not in self._seen
+
+    def record(self, nonce: int) -> None:
+        """Mark ``nonce`` used. Raises :class:`ShardRefused` (``replay``) if it already was."""
+        if not self.is_fresh(nonce):
+            raise ShardRefused(ErrorCode.REPLAY, f"nonce {nonce} was already used or is too old")
+        self._seen.add(nonce)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._seen) > REPLAY_WINDOW:
+            smallest = min(self._seen)
+            self._seen.discard(smallest)
+            self.floor = max(self.floor, smallest)
+
+    def copy(self) -> ReplayWindow:
+        return ReplayWindow(self.floor, set(self._seen))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": 1, "floor": self.floor, "seen": sorted(self._seen)}
+
+    @classmethod
+    def from_wire(cls, msg: Any) -> ReplayWindow:
+        """Raises :class:`MalformedFrame` if ``msg`` is not a saved window."""
+        if not isinstance(msg, dict) or set(msg) != {"v", "floor", "seen"} or msg["v"] != 1:
+            raise MalformedFrame("not a replay window")
+        floor, seen = msg["floor"], msg["seen"]
+        if not isinstance(floor, int) or not isinstance(seen, list):
+            raise MalformedFrame("not a replay window")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in seen):
+            raise MalformedFrame("replay window nonces are integers")
+        return cls(floor, set(seen))
+
+
+def authorize(
+    req: SignedRequest, info: NamespaceInfo | None, chain_id: str, window: ReplayWindow
+) -> None:
+    """Check that ``req`` is signed by the namespace owner and is not a replay, and record its
+    nonce in ``window`` (the caller persists the window before acting).
+
+    Raises :class:`ShardRefused` with ``unknown_namespace``, ``not_owner``, ``bad_signature``
+    or ``replay``; ``window`` is unchanged then.
+    """
+    if info is None:
+        raise ShardRefused(ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {req.ns} on this node")
+    if req.owner != info.owner:
+        raise ShardRefused(ErrorCode.NOT_OWNER, f"key {req.owner.hex()[:16]}... does not own namespace {req.ns}")
+    try:
+        keys.verify(info.owner, request_sign_bytes(chain_id, req.signed_body()), req.sig)
+    except BadSignature:
+        raise ShardRefused(ErrorCode.BAD_SIGNATURE, "signature does not verify") from None
+    window.record(req.nonce)
+
+
+# ---------------------------------------------------------------------------------------------
+# connections
+
+
+@dataclass(slots=True)
+class Upload:
+    """The upload open on a server connection."""
+
+    ns: int
+    shard_id: bytes
+    size: int
+    hash: bytes
+    received: int
+
+
+class ServerConnection:
+    """The store's end of one connection.
+
+    Rules: requests and responses alternate (:meth:`next_request` returns nothing new until
+    :meth:`send` answered the previous request). A ``put`` whose answer is ``accepted`` opens an
+    upload; an ``append`` must continue it exactly (same ns and shard id, ``offset`` = bytes
+    received) or it is a ``bad_state`` protocol error; an answer of ``stored`` or any error
+    closes the upload. A :class:`ShardProtocolError` from :meth:`next_request` means: send
+    :meth:`error_frame` and close the connection.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(MAX_FRAME)
+        self._pending: Request | None = None
+        self.upload: Upload | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Raises :class:`ShardProtocolError` (``too_large``) if a frame announces too much."""
+        try:
+            self._decoder.receive_data(data)
+        except FrameTooLarge as exc:
+            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+
+    def next_request(self) -> Request | NeedData:
+        """The next request, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""
+        if self._pending is not None:
+            raise LocalProtocolError("answer the previous request first")
+        try:
+            msg = self._decoder.next_message()
+        except FrameTooLarge as exc:
+            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        except MalformedFrame as exc:
+            raise ShardProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        if isinstance(msg, NeedData):
+            return NEED_DATA
+        req = parse_request(msg)
+        up = self.upload
+        if isinstance(req, Append):
+            if up is None or (req.ns, req.shard_id) != (up.ns, up.shard_id):
+                raise ShardProtocolError(ErrorCode.BAD_STATE, "append without a matching open upload")
+            if req.offset != up.received or req.offset + len(req.data) > up.size:
+                raise ShardProtocolError(
+                    ErrorCode.BAD_STATE,
+                    f"append at {req.offset}+{len(req.data)}; expected offset {up.received} "
+                    f"of {up.size}",
+                )
+        elif up is not None:
+            raise ShardProtocolError(ErrorCode.BAD_STATE, f"{type(req).__name__.lower()} during an upload")
+        self._pending = req
+        return req
+
+    def send(self, resp: Response) -> bytes:
+        """Encode the answer to the pending request and advance the upload state."""
+        req = self._pending
+        if req is None:
+            raise LocalProtocolError("no request to answer")
+        self._pending = None
+        if isinstance(resp, Error) or isinstance(resp, Stored):
+            self.upload = None
+        elif isinstance(resp, Accepted):
+            if isinstance(req, Put):
+                self.upload = Upload(req.ns, req.shard_id, req.size, req.hash, len(req.data))
+            elif isinstance(req, Append) and self.upload is not None:
+                self.upload.received = req.offset + len(req.data)
+            else:
+                raise LocalProtocolError("accepted answers only a put or an append")
+            if resp.received != self.upload.received:
+                raise LocalProtocolError("accepted must report the bytes received")
+        return encode_frame(response_to_wire(resp), MAX_FRAME)
+
+    @staticmethod
+    def error_frame(exc: ShardProtocolError) -> bytes:
+        """The frame that tells a peer why its connection is being closed."""
+        return encode_frame(response_to_wire(Error(exc.code, exc.message)), MAX_FRAME)
+
+
+class ClientConnection:
+    """The client's end of one connection: encode requests, decode answers in order."""
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(MAX_FRAME)
+
+    @staticmethod
+    def send(req: Request) -> bytes:
+        return encode_frame(req.to_wire(), MAX_FRAME)
+
+    def receive_data(self, data: bytes) -> None:
+        """Raises :class:`ShardProtocolError` if the store announces an oversized frame."""
+        try:
+            self._decoder.receive_data(data)
+        except FrameTooLarge as exc:
+            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+
+    def next_response(self) -> Response | NeedData:
+        """The next answer, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""
+        try:
+            msg = self._decoder.next_message()
+        except FrameTooLarge as exc:
+            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        except MalformedFrame as exc:
+            raise ShardProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        if isinstance(msg, NeedData):
+            return NEED_DATA
+        return parse_response(msg)
