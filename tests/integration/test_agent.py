@@ -25,6 +25,7 @@ from ledger import keyspace
 from ledger.client import LedgerClient
 from ledger.config import write_genesis
 from ledger.keys import KeyPair
+from ledger.state import sign_deployment
 from ledger.types import Genesis
 from tests.conftest import CHAIN_ID, FAST_CONSENSUS, Cluster
 from tests.integration.agentkit import (
@@ -258,6 +259,23 @@ async def test_register_deploy_restart_adopt_cancel(grid: Grid) -> None:
         assert web_id in ids
         assert container_pid(a, web_id) == web_pid  # adopted, not recreated or restarted
         assert b"hello" in await http_get(r["web"]["endpoint"])
+
+        # -- update: only the changed workload is recreated; version 2 is reported deployed
+        side_pid = container_pid(a, side_id)
+        side2 = dict(side, command=["sleep", "200000"])
+        dep2 = {"name": "web", "workloads": [web, side2]}
+        h2, sig2 = sign_deployment(OWNER, CHAIN_ID, dep2)
+        await send(client, OWNER, CHAIN_ID, "contract_update",
+                   {"contract_id": cid, "deployment": dep2, "deployment_hash": h2,
+                    "signature": sig2})
+
+        async def v2_deployed() -> bool:
+            c = await contract(client, cid)
+            return bool(c["version"] == 2 and c["state"] == "deployed")
+
+        await wait_for("version 2 deployed", v2_deployed, 60)
+        assert container_pid(a, web_id) == web_pid
+        assert container_pid(a, side_id) not in (None, side_pid)
 
         # -- cancel: containers deleted, files wiped, results "deleted"
         await send(client, OWNER, CHAIN_ID, "contract_cancel", {"contract_id": cid})
