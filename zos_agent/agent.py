@@ -36,9 +36,8 @@ from ledger.errors import (
     ConfigError,
     ConflictingHeaders,
     InvalidTx,
-    LedgerTimeout,
     LedgerUnavailable,
-    NotFound,
+    TfgridError,
 )
 from ledger.keys import KeyPair
 from ledger.state import PARAM_DEFAULTS
@@ -47,7 +46,7 @@ from ledger.types import Genesis, Header
 from zos_agent.capacity import Capacity, node_capacity
 from zos_agent.config import AgentConfig
 from zos_agent.errors import AgentError
-from zos_agent.follower import Follower, Unverifiable
+from zos_agent.follower import Follower
 from zos_agent.oci import ContainerSpec
 from zos_agent.reconcile import (
     Adopt,
@@ -72,8 +71,9 @@ MEMORY_FILE = "agent-memory.json"
 NONCE_STUCK_S = 20.0
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
-# Transient ledger trouble: the loops log it and go on.
-LEDGER_ERRORS = (LedgerUnavailable, LedgerTimeout, NotFound, Unverifiable)
+# What a loop logs and survives: ledger trouble, refused txs, a failing host tool or disk.
+# Only ConflictingHeaders (a forked validator set) stops the agent.
+TRANSIENT = (TfgridError, OSError)
 
 
 def wall_ms() -> int:
@@ -239,7 +239,9 @@ class Agent:
         while True:
             try:
                 return await fn()
-            except (*LEDGER_ERRORS, InvalidTx) as exc:
+            except ConflictingHeaders:
+                raise
+            except TRANSIENT as exc:
                 log.warning("cannot %s yet: %s", what, exc)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
@@ -302,7 +304,9 @@ class Agent:
         while True:
             try:
                 await self.sender.submit("uptime_report", {"time_ms": wall_ms()})
-            except (*LEDGER_ERRORS, InvalidTx) as exc:
+            except ConflictingHeaders:
+                raise
+            except TRANSIENT as exc:
                 log.warning("uptime report not sent: %s", exc)
             await trio.sleep(self.cfg.uptime_interval_s)
 
@@ -314,7 +318,9 @@ class Agent:
                 if cap != self.registered_capacity:
                     await self._node_update({"capacity": cap.to_map()})
                     self.registered_capacity = cap
-            except (*LEDGER_ERRORS, InvalidTx, ConfigError) as exc:
+            except ConflictingHeaders:
+                raise
+            except TRANSIENT as exc:
                 log.warning("capacity not updated: %s", exc)
 
     async def _header_loop(self) -> None:
@@ -332,7 +338,7 @@ class Agent:
                 log.critical("the ledger's validators forked: two certified blocks at one "
                              "height; stopping (containers keep running)")
                 raise
-            except LEDGER_ERRORS as exc:
+            except TRANSIENT as exc:
                 log.warning("following headers: %s", exc)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
@@ -350,7 +356,9 @@ class Agent:
             timeout = self.cfg.reconcile_interval_s
             try:
                 plan = await self.reconcile_once()
-            except (*LEDGER_ERRORS, InvalidTx) as exc:
+            except ConflictingHeaders:
+                raise
+            except TRANSIENT as exc:
                 log.warning("reconcile pass skipped: %s", exc)
                 continue
             if any(not isinstance(a, Report) for a in plan.actions):
@@ -362,6 +370,7 @@ class Agent:
         """One pass: observe, read the ledger, decide, act. Returns the plan it executed."""
         if self.node_id is None:
             raise AgentError("the node is not registered")
+        started = trio.current_time()
         states = await self.runtime.list()
         observed = {wid: Observed(wid, s.status, s.spec_hash, s.exit_code)
                     for wid, s in states.items()}
@@ -373,6 +382,9 @@ class Agent:
         for action in plan.actions:
             await self._execute(action)
         self.passes += 1
+        log.debug("pass %d: %d contracts, %d containers, %d actions, %.0f ms", self.passes,
+                  len(views), len(observed), len(plan.actions),
+                  (trio.current_time() - started) * 1000)
         return plan
 
     def _remember(self, memory: ReconcileMemory) -> None:
@@ -390,7 +402,7 @@ class Agent:
                          if d.workload_id in self.memory.workloads else 0)
                 try:
                     await self.runtime.restart(d.workload_id)
-                except AgentError as exc:
+                except (AgentError, OSError) as exc:
                     log.warning("restart of %s failed: %s", d.workload_id, exc)
                     self._remember(self.memory.failed(d, f"restart failed: {exc}", now()))
                 else:
@@ -399,7 +411,7 @@ class Agent:
                 log.info("deleting %s", wid)
                 try:
                     await self.runtime.delete(wid)
-                except AgentError as exc:
+                except (AgentError, OSError) as exc:
                     log.warning("delete of %s failed (retried next pass): %s", wid, exc)
                 else:
                     self._remember(self.memory.deleted(wid))
@@ -409,7 +421,9 @@ class Agent:
                          states)
                 try:
                     await self.sender.submit("contract_result", action.body())
-                except (*LEDGER_ERRORS, InvalidTx) as exc:
+                except ConflictingHeaders:
+                    raise
+                except TRANSIENT as exc:
                     log.warning("report for contract %d not sent: %s", action.contract_id, exc)
 
     async def _create(self, action: Create | Update | Adopt, d: Desired) -> None:
@@ -419,7 +433,7 @@ class Agent:
             # For an Update the runtime replaces the container (runc cannot change one in
             # place); for an Adopt it returns the running container's endpoints untouched.
             endpoints = await self.runtime.create(d.spec, list(d.image_sources))
-        except AgentError as exc:
+        except (AgentError, OSError) as exc:
             log.warning("%s of %s failed: %s", verb, d.workload_id, exc)
             self._remember(self.memory.failed(d, str(exc), self.clock_ms()))
         else:

@@ -27,6 +27,10 @@ wanted, stopped, policy says restart            Restart when ``started + backoff
 wanted, stopped, policy says stay stopped       nothing; reported ok (exit 0) or error
 ==============================================  ==========================================
 
+Contract states: created/deployed/error run their workloads; ``grace`` (unpaid, the owner may
+still pay) keeps them running untouched; ``cancelled`` (by the owner, or at the end of grace)
+deletes them, volume and logs included, and reports each workload ``deleted``.
+
 Restart policy: ``always`` restarts any exit; ``on-failure`` restarts a non-zero (or unknown)
 exit code; ``never`` does not restart. A container left in runc's ``created`` state (the agent
 died between ``runc create`` and ``runc start``) is started whatever the policy. The backoff
