@@ -247,7 +247,8 @@ def test_no_plaintext_run_in_any_record() -> None:
 def test_erasure_coder_edges() -> None:
     coder = c.ErasureCoder(16, 20)
     blocks = coder.encode(b"x" * 33)
-    assert len(blocks) == 20 and all(len(b) == 3 for b in blocks)
+    assert len(blocks) == 20
+    assert all(len(b) == 3 for b in blocks)
     assert coder.encode_some(b"x" * 33, [19, 2]) == [blocks[19], blocks[2]]
     with pytest.raises(BadParameters):
         coder.encode_some(b"x", [20])
@@ -288,14 +289,16 @@ def test_verify_cap_repairs_ciphertext_without_decrypting() -> None:
 def test_caps_round_trip(owner: int, key: bytes) -> None:
     read = c.ReadCap(owner, key)
     text = str(read)
-    assert text.startswith("tfs:") and text == text.lower()
+    assert text.startswith("tfs:")
+    assert text == text.lower()
     assert c.parse_cap(text) == read
     assert c.parse_read_cap(text.upper().replace("TFS:", "tfs:")) == read
     verify = read.verify_cap()
     vtext = str(verify)
     assert vtext.startswith("tfsv:")
     assert c.parse_cap(vtext) == verify
-    assert verify.verify_key != key and vtext[5:] != text[4:]
+    assert verify.verify_key != key
+    assert vtext[5:] != text[4:]
     assert verify.verify_cap() is verify
 
 
@@ -372,7 +375,8 @@ def test_manifest_opens_with_verify_key_and_prefers_newest_revision() -> None:
     keys = read.keys()
     m1 = make_manifest()
     m2 = m1.with_placement({3: c.Placement(555, 9000, "10.0.0.1:1")}, retire=[(3, m1.placement(3))])
-    assert m2.revision == 2 and m2.retired == ((3, m1.placement(3)),)
+    assert m2.revision == 2
+    assert m2.retired == ((3, m1.placement(3)),)
     old, new = seal(m1, keys, 1), seal(m2, keys, 2)
     # 17 nodes hold revision 2, three still hold revision 1 plus garbage from one node
     mixed = {**{k: v for k, v in new.items() if k not in ("node0", "node1", "node2")},
@@ -395,7 +399,8 @@ def test_manifest_wrong_key_and_tampering() -> None:
     rec["block"] = bytes(len(rec["block"]))
     recs["node4"] = pack(rec)
     opened = c.open_manifest(recs, keys)
-    assert "node4" in opened.bad and "node4" not in opened.used
+    assert "node4" in opened.bad
+    assert "node4" not in opened.used
 
 
 def test_manifest_validation() -> None:
