@@ -12,6 +12,10 @@ Tasks (one nursery, :meth:`Agent.run`):
   executed one by one, the memory file rewritten after each, so a kill -9 at any instant
   leaves a state the next start reconciles from (runtime operations are idempotent).
 
+Clocks: loop intervals and timeouts use trio's clock; the reconcile core gets wall-clock
+milliseconds (``clock_ms``) because the backoff times it keeps in the memory file must stay
+comparable across agent restarts; uptime reports carry wall-clock time as the ledger expects.
+
 The agent holds no listening socket: its only inputs are the ledger (outbound connections
 through the light client) and its data directory. Stopping it (SIGTERM, cancellation) leaves
 every container running; the next start adopts them.

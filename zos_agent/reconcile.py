@@ -10,7 +10,9 @@ Inputs (all immutable):
 - ``memory``: :class:`ReconcileMemory`, the little the agent must remember across passes and
   crashes (restart counts and times, published endpoints, the last failure per workload,
   reports in flight). The driver persists it after every action.
-- ``now_ms``: the agent's clock (monotonic milliseconds of the driver; only differences matter).
+- ``now_ms``: the agent's wall clock in milliseconds. Wall-clock because the times kept in the
+  memory must still mean something after the agent restarts (trio's clock starts anew in
+  every process); a clock that jumps back is clamped, so it never stretches a backoff.
 
 Rules, per workload id ``c<contract>-<name>``:
 
@@ -398,6 +400,11 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
         m = mem.get(wid)
         if m is None or m.spec_hash != spec_hash:
             m = WorkloadMemory(contract_id=d.contract_id, spec_hash=spec_hash)
+        if m.started_ms > now_ms or m.failed_ms > now_ms:
+            # The clock went back (times are wall-clock so that they survive a restart of
+            # the agent): never wait for a moment that is now further away than a backoff.
+            m = replace(m, started_ms=min(m.started_ms, now_ms),
+                        failed_ms=min(m.failed_ms, now_ms))
         o = observed.get(wid)
         retry_at = m.failed_ms + backoff_ms(m.failures - 1) if m.failures else 0
         if m.error:

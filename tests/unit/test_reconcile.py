@@ -362,3 +362,15 @@ def test_memory_round_trips_through_json() -> None:
     node.step(T0 + 1, view(1, D1), view(2, D2), commit_reports=False)
     text = node.memory.to_json()
     assert ReconcileMemory.from_json(text) == node.memory
+
+
+def test_a_clock_that_jumps_back_does_not_stretch_the_backoff() -> None:
+    node = FakeNode()
+    d = desired(6, "svc")
+    v = view(6, d)
+    node.step(T0, v)
+    node.observed[d.workload_id] = stopped(d, 1)
+    # The wall clock went back an hour: the restart is due after the base delay from now.
+    back = T0 - 3_600_000
+    assert Restart(d) not in node.step(back, v)
+    assert Restart(d) in node.step(back + BACKOFF_BASE_MS, v)
