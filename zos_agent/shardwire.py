@@ -106,7 +106,9 @@ from ledger.errors import (
     RemoteProtocolError,
     TfgridError,
 )
-from ledger.wire import NEED_DATA, FrameDecoder, NeedData, encode_frame
+from ledger.wire import NEED_DATA as NEED_DATA
+from ledger.wire import FrameDecoder, encode_frame
+from ledger.wire import NeedData as NeedData
 
 PROTOCOL_VERSION: Final = 1
 SIGN_DOMAIN: Final = "tfgrid/shard/v1"

@@ -1,0 +1,777 @@
+"""The shard store: the on-disk store of storage namespaces and its trio server.
+
+The protocol is :mod:`zos_agent.shardwire`; this module does the files and the sockets.
+The agent runs it as a child process while the node has namespace contracts (the agent
+itself holds no listening socket)::
+
+    python -m zos_agent.shardstore --data-dir D --listen HOST:PORT \\
+        --namespaces-file F --chain-id C
+
+It prints ``listening HOST:PORT`` on stdout once it accepts connections, re-reads ``F`` when
+the file changes (polled every second) or on SIGHUP, and stops on SIGTERM/SIGINT.
+
+Layout of ``data_dir`` (format version 1)::
+
+    ns/<contract id>/shards/<first 2 hex>/<64 hex of the shard id>   committed shards
+    ns/<contract id>/tmp/          uploads in progress (emptied when the namespace is loaded)
+    ns/<contract id>/replay        the namespace's replay window (msgpack, replaced atomically)
+    trash/                         namespaces being wiped (emptied at start)
+
+A shard file is a header followed by the data::
+
+    0    magic b"TFSHARD\\x01" (the last byte is the format version)
+    8    size u64 | block size u32 | block count u32        (big-endian)
+    24   shard hash (BLAKE2b-256 of the data)
+    56   table hash (BLAKE2b-256 of the block-hash table)
+    88   header check (BLAKE2b-256 of bytes 0..88)
+    120  block-hash table: BLAKE2b-256 of each BLOCK_SIZE block of the data
+    120 + 32 * blocks: the data
+
+A read checks the header and every block it returns against its hash (a mismatch is
+``corrupt``, never data); ``verify`` checks the whole file. A write goes to ``tmp/``, is
+fsynced, renamed into place and the directory fsynced, so after a crash a shard is either
+the old complete file or the new complete file. Quota usage is recomputed from the headers
+when a namespace is loaded, so it survives restarts and crashes.
+
+Namespaces file (written by the agent, replaced atomically)::
+
+    {"version": 1, "namespaces": {"<contract id>": {"owner": "<hex key>", "quota": <bytes>}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import struct
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from ledger.codec import HASH_SIZE, pack, unpack
+from ledger.config import format_hostport, parse_hostport
+from ledger.errors import ConfigError, MalformedFrame, TfgridError
+from zos_agent import shardwire as w
+
+log = logging.getLogger("zos_agent.shardstore")
+
+MAGIC: Final = b"TFSHARD\x01"
+_FIXED = struct.Struct(">8sQII32s32s")  # magic, size, block size, blocks, shard hash, table hash
+HEADER_FIXED: Final = _FIXED.size + HASH_SIZE  # 120
+IDLE_TIMEOUT_S: Final = 60.0
+RELOAD_POLL_S: Final = 1.0
+_RECV: Final = 64 * 1024
+
+
+def _blake() -> hashlib.blake2b:
+    return hashlib.blake2b(digest_size=HASH_SIZE)
+
+
+def _hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
+
+
+def _blocks(size: int, block_size: int = w.BLOCK_SIZE) -> int:
+    return -(-size // block_size)
+
+
+class Corrupt(TfgridError):
+    """A stored shard does not match its hashes (or its header is damaged)."""
+
+
+class Missing(TfgridError):
+    """No shard with that id is stored."""
+
+
+# ---------------------------------------------------------------------------------------------
+# files (synchronous; the server runs these in worker threads)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, directory fsync."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < length:
+        chunk = os.pread(fd, length - len(out), offset + len(out))
+        if not chunk:
+            raise Corrupt("shard file is shorter than its header says")
+        out += chunk
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHeader:
+    size: int
+    block_size: int
+    blocks: int
+    shard_hash: bytes
+    table_hash: bytes
+
+    @property
+    def data_offset(self) -> int:
+        return HEADER_FIXED + HASH_SIZE * self.blocks
+
+    def encode(self) -> bytes:
+        fixed = _FIXED.pack(MAGIC, self.size, self.block_size, self.blocks, self.shard_hash,
+                            self.table_hash)
+        return fixed + _hash(fixed)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ShardHeader:
+        """Raises :class:`Corrupt` unless ``raw`` is an intact version-1 header."""
+        if len(raw) != HEADER_FIXED:
+            raise Corrupt("shard file is shorter than a header")
+        fixed, check = raw[: _FIXED.size], raw[_FIXED.size :]
+        if _hash(fixed) != check:
+            raise Corrupt("shard header does not match its check hash")
+        magic, size, block_size, blocks, shard_hash, table_hash = _FIXED.unpack(fixed)
+        if magic != MAGIC or block_size < 1 or blocks != _blocks(size, block_size):
+            raise Corrupt("shard header is not a version-1 header")
+        return cls(size, block_size, blocks, shard_hash, table_hash)
+
+
+class ShardWriter:
+    """One upload: data goes into a temp file as it arrives, hashed block by block."""
+
+    def __init__(self, tmp_dir: Path, shard_id: bytes, size: int) -> None:
+        self.size = size
+        self.path = tmp_dir / f"{shard_id.hex()}.{secrets.token_hex(4)}"
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._base = HEADER_FIXED + HASH_SIZE * _blocks(size)
+        self._whole = _blake()
+        self._block = _blake()
+        self._block_len = 0
+        self._table: list[bytes] = []
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None or self.written + len(data) > self.size:
+            raise OSError(errno.EINVAL, "write past the announced shard size")
+        _pwrite_all(self._fd, data, self._base + self.written)
+        self.written += len(data)
+        self._whole.update(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), w.BLOCK_SIZE - self._block_len)
+            self._block.update(view[:take])
+            self._block_len += take
+            view = view[take:]
+            if self._block_len == w.BLOCK_SIZE:
+                self._table.append(self._block.digest())
+                self._block, self._block_len = _blake(), 0
+
+    def finish(self) -> bytes:
+        """Write the header and fsync; the shard hash. The file is still the temp file."""
+        if self._fd is None or self.written != self.size:
+            raise OSError(errno.EINVAL, "shard incomplete")
+        if self._block_len:
+            self._table.append(self._block.digest())
+        table = b"".join(self._table)
+        shard_hash = self._whole.digest()
+        header = ShardHeader(self.size, w.BLOCK_SIZE, len(self._table), shard_hash, _hash(table))
+        _pwrite_all(self._fd, header.encode() + table, 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        return shard_hash
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
+def _read_header(fd: int) -> ShardHeader:
+    return ShardHeader.decode(os.pread(fd, HEADER_FIXED, 0))
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise Missing("no such shard") from None
+
+
+def read_range(path: Path, offset: int, length: int) -> tuple[ShardHeader, bytes]:
+    """The header and ``length`` bytes at ``offset`` (fewer at the end of the shard), every
+    block they touch checked against its hash. Raises :class:`Missing`, :class:`Corrupt`."""
+    fd = _open(path)
+    try:
+        hdr = _read_header(fd)
+        end = min(offset + length, hdr.size)
+        if offset >= end:
+            return hdr, b""
+        bs = hdr.block_size
+        first, last = offset // bs, (end - 1) // bs
+        table = _pread_exact(fd, HASH_SIZE * (last - first + 1), HEADER_FIXED + HASH_SIZE * first)
+        start = first * bs
+        stop = min((last + 1) * bs, hdr.size)
+        data = _pread_exact(fd, stop - start, hdr.data_offset + start)
+        for i in range(last - first + 1):
+            block = data[i * bs : (i + 1) * bs]
+            if _hash(block) != table[i * HASH_SIZE : (i + 1) * HASH_SIZE]:
+                raise Corrupt(f"block {first + i} does not match its hash")
+        return hdr, data[offset - start : end - start]
+    finally:
+        os.close(fd)
+
+
+def verify_file(path: Path) -> ShardHeader:
+    """Check the whole shard (header, table, every block, shard hash) without keeping it in
+    memory. Raises :class:`Missing`, :class:`Corrupt`."""
+    fd = _open(path)
+    try:
+        hdr = _read_header(fd)
+        table = _pread_exact(fd, HASH_SIZE * hdr.blocks, HEADER_FIXED)
+        if _hash(table) != hdr.table_hash:
+            raise Corrupt("block-hash table does not match the header")
+        whole = _blake()
+        for i in range(hdr.blocks):
+            start = i * hdr.block_size
+            block = _pread_exact(fd, min(hdr.block_size, hdr.size - start), hdr.data_offset + start)
+            if _hash(block) != table[i * HASH_SIZE : (i + 1) * HASH_SIZE]:
+                raise Corrupt(f"block {i} does not match its hash")
+            whole.update(block)
+        if whole.digest() != hdr.shard_hash:
+            raise Corrupt("data does not match the shard hash")
+        if os.fstat(fd).st_size != hdr.data_offset + hdr.size:
+            raise Corrupt("shard file has trailing bytes")
+        return hdr
+    finally:
+        os.close(fd)
+
+
+def stored_size(path: Path) -> int:
+    """Quota bytes a stored file accounts for: its data size, or the whole file if the
+    header is damaged (it still takes that much disk until the owner deletes it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        return _read_header(fd).size
+    except Corrupt:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    used: int
+    count: int
+    window: w.ReplayWindow
+
+
+class NamespaceDir:
+    """Paths of one namespace's directory and the synchronous operations on it."""
+
+    def __init__(self, data_dir: Path, ns: int) -> None:
+        self.root = namespace_dir(data_dir, ns)
+        self.shards = self.root / "shards"
+        self.tmp = self.root / "tmp"
+        self.replay = self.root / "replay"
+
+    def shard_path(self, shard_id: bytes) -> Path:
+        h = shard_id.hex()
+        return self.shards / h[:2] / h
+
+    def load(self) -> Scan:
+        """Create the directories if needed, drop unfinished uploads, count what is stored,
+        read the replay window. Raises :class:`ConfigError` if the replay file is damaged
+        (refusing is safer than accepting old nonces again)."""
+        for d in (self.root, self.shards, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        used = count = 0
+        for sub in self.shards.iterdir():
+            for f in sub.iterdir():
+                if f.name.startswith("."):
+                    continue
+                used += stored_size(f)
+                count += 1
+        try:
+            window = w.ReplayWindow.from_wire(unpack(self.replay.read_bytes()))
+        except FileNotFoundError:
+            window = w.ReplayWindow()
+        except (OSError, MalformedFrame) as exc:
+            raise ConfigError(f"{self.replay}: replay window unreadable ({exc})") from None
+        return Scan(used, count, window)
+
+    def save_window(self, window: w.ReplayWindow) -> None:
+        replace_file(self.replay, pack(window.to_wire()))
+
+    def commit(self, writer: ShardWriter, shard_id: bytes) -> int:
+        """Rename a finished upload into place; the size of the shard it replaced (0: new)."""
+        final = self.shard_path(shard_id)
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            fsync_dir(self.shards)
+        old = stored_size(final) if final.exists() else -1
+        os.replace(writer.path, final)
+        fsync_dir(final.parent)
+        return old
+
+    def delete(self, shard_id: bytes) -> int:
+        """Remove a shard; its size. Raises :class:`Missing`."""
+        path = self.shard_path(shard_id)
+        size = stored_size(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise Missing("no such shard") from None
+        fsync_dir(path.parent)
+        return size
+
+
+def namespace_dir(data_dir: Path, ns: int) -> Path:
+    return data_dir / "ns" / str(ns)
+
+
+def namespaces_on_disk(data_dir: Path) -> set[int]:
+    """Contract ids that have a namespace directory under ``data_dir``."""
+    try:
+        return {int(p.name) for p in (data_dir / "ns").iterdir() if p.name.isdigit()}
+    except FileNotFoundError:
+        return set()
+
+
+def wipe_namespace(data_dir: Path, ns: int) -> bool:
+    """Remove a namespace's directory and every shard in it (a cancelled contract).
+
+    The directory is first renamed into ``trash/`` so that a crash midway never leaves a half
+    namespace in place. Returns False if there was nothing to wipe.
+    """
+    src = namespace_dir(data_dir, ns)
+    if not src.exists():
+        return False
+    trash = data_dir / "trash"
+    trash.mkdir(parents=True, exist_ok=True)
+    dst = trash / f"{ns}.{secrets.token_hex(4)}"
+    os.replace(src, dst)
+    fsync_dir(src.parent)
+    shutil.rmtree(dst, ignore_errors=True)
+    return True
+
+
+def empty_trash(data_dir: Path) -> None:
+    shutil.rmtree(data_dir / "trash", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# namespaces file
+
+
+def write_namespaces_file(path: Path, table: Mapping[int, w.NamespaceInfo]) -> None:
+    """Atomically replace the namespaces file with ``table``."""
+    doc = {"version": 1, "namespaces": {
+        str(ns): {"owner": info.owner.hex(), "quota": info.quota}
+        for ns, info in sorted(table.items())}}
+    replace_file(path, json.dumps(doc, sort_keys=True, indent=1).encode())
+
+
+def read_namespaces_file(path: Path) -> dict[int, w.NamespaceInfo]:
+    """The table of a namespaces file; empty if the file does not exist.
+
+    Raises :class:`ConfigError` if it cannot be read or is malformed.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(raw)
+        if doc.get("version") != 1 or not isinstance(doc.get("namespaces"), dict):
+            raise ValueError("not a version-1 namespaces file")
+        out: dict[int, w.NamespaceInfo] = {}
+        for key, item in doc["namespaces"].items():
+            owner = bytes.fromhex(item["owner"])
+            quota = item["quota"]
+            if (not key.isdigit() or len(owner) != 32 or not isinstance(quota, int)
+                    or isinstance(quota, bool) or quota < 0):
+                raise ValueError(f"bad entry {key!r}")
+            out[int(key)] = w.NamespaceInfo(owner, quota)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the store (trio side)
+
+
+@dataclass(slots=True)
+class _Namespace:
+    dir: NamespaceDir
+    used: int
+    count: int
+    window: w.ReplayWindow
+    reserved: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass(slots=True)
+class Session:
+    """Per-connection state: the open upload, if any."""
+
+    writer: ShardWriter | None = None
+    ns: _Namespace | None = None
+    expected_hash: bytes = b""
+    reserved: int = 0
+
+    def release(self) -> None:
+        """Abort the open upload: its temp file goes, its quota reservation is returned."""
+        if self.writer is not None:
+            self.writer.discard()
+        if self.ns is not None:
+            self.ns.reserved -= self.reserved
+        self.writer, self.ns, self.expected_hash, self.reserved = None, None, b"", 0
+
+
+def _refuse(code: w.ErrorCode, message: str) -> w.ShardRefused:
+    return w.ShardRefused(code, message)
+
+
+class ShardStore:
+    """Namespaces under ``data_dir``; ``namespaces()`` says which exist, their owners and
+    quotas (re-read on every request, so reloads take effect at once)."""
+
+    def __init__(self, data_dir: Path, namespaces: Callable[[], Mapping[int, w.NamespaceInfo]],
+                 chain_id: str) -> None:
+        self.data_dir = data_dir
+        self.namespaces = namespaces
+        self.chain_id = chain_id
+        self._loaded: dict[int, _Namespace] = {}
+        self._load_lock = trio.Lock()
+
+    async def _namespace(self, ns: int) -> tuple[_Namespace, w.NamespaceInfo]:
+        info = self.namespaces().get(ns)
+        if info is None:
+            self._loaded.pop(ns, None)
+            raise _refuse(w.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {ns} on this node")
+        async with self._load_lock:
+            state = self._loaded.get(ns)
+            if state is None:
+                d = NamespaceDir(self.data_dir, ns)
+                try:
+                    scan = await trio.to_thread.run_sync(d.load)
+                except ConfigError as exc:
+                    log.error("namespace %d: %s", ns, exc)
+                    raise _refuse(w.ErrorCode.INTERNAL, "namespace unavailable") from None
+                state = _Namespace(d, scan.used, scan.count, scan.window)
+                self._loaded[ns] = state
+        return state, info
+
+    async def handle(self, req: w.Request, session: Session) -> w.Response:
+        """The answer to one request. Never raises for a refused request: the answer is an
+        :class:`~zos_agent.shardwire.Error`, and any error closes the session's upload."""
+        try:
+            match req:
+                case w.Put():
+                    return await self._put(req, session)
+                case w.Append():
+                    return await self._append(req, session)
+                case w.Get():
+                    return await self._get(req)
+                case w.Delete():
+                    return await self._delete(req)
+                case w.Stat():
+                    ns, info = await self._namespace(req.ns)
+                    return w.StatResult(ns.used, info.quota, ns.count)
+                case w.Verify():
+                    return await self._verify(req)
+        except w.ShardRefused as exc:
+            session.release()
+            return w.Error(exc.code, exc.message)
+        except OSError as exc:
+            session.release()
+            log.error("namespace %d: %s", req.ns, exc)
+            return w.Error(w.ErrorCode.INTERNAL, f"storage error: {exc.strerror or exc}")
+        raise AssertionError(f"unhandled request {req!r}")  # pragma: no cover - exhaustive
+
+    async def _authorize(self, ns: _Namespace, info: w.NamespaceInfo,
+                         req: w.SignedRequest, extra: Callable[[], None] | None = None) -> None:
+        """Signature, replay and (``extra``) other checks, then the nonce is on disk."""
+        async with ns.lock:
+            trial = ns.window.copy()
+            w.authorize(req, info, self.chain_id, trial)
+            if extra is not None:
+                extra()
+            await trio.to_thread.run_sync(ns.dir.save_window, trial)
+            ns.window = trial
+
+    async def _put(self, req: w.Put, session: Session) -> w.Response:
+        ns, info = await self._namespace(req.ns)
+
+        def quota() -> None:
+            free = info.quota - ns.used - ns.reserved
+            if req.size > free:
+                raise _refuse(w.ErrorCode.QUOTA_EXCEEDED,
+                              f"{req.size} bytes do not fit: {max(free, 0)} of {info.quota} free")
+
+        await self._authorize(ns, info, req, quota)
+        ns.reserved += req.size
+        session.ns, session.reserved, session.expected_hash = ns, req.size, req.hash
+        session.writer = await trio.to_thread.run_sync(
+            ShardWriter, ns.dir.tmp, req.shard_id, req.size)
+        return await self._write(session, req.shard_id, req.data, b"")
+
+    async def _append(self, req: w.Append, session: Session) -> w.Response:
+        if session.writer is None or session.ns is None:
+            raise _refuse(w.ErrorCode.BAD_STATE, "no upload open")
+        if self.namespaces().get(req.ns) is None:
+            raise _refuse(w.ErrorCode.UNKNOWN_NAMESPACE, f"namespace {req.ns} was removed")
+        return await self._write(session, req.shard_id, req.data, req.hash)
+
+    async def _write(self, session: Session, shard_id: bytes, data: bytes,
+                     check: bytes) -> w.Response:
+        writer, ns = session.writer, session.ns
+        if writer is None or ns is None:  # _put sets both; _append checked them
+            raise _refuse(w.ErrorCode.BAD_STATE, "no upload open")
+        await trio.to_thread.run_sync(writer.write, data)
+        if writer.written < writer.size:
+            return w.Accepted(writer.written)
+        shard_hash = await trio.to_thread.run_sync(writer.finish)
+        for want in (session.expected_hash, check):
+            if want and want != shard_hash:
+                raise _refuse(w.ErrorCode.BAD_HASH, "the data does not match the given hash")
+        async with ns.lock:
+            old = await trio.to_thread.run_sync(ns.dir.commit, writer, shard_id)
+            ns.used += writer.size - max(old, 0)
+            ns.count += old < 0
+        session.writer = None  # committed: nothing left to discard
+        session.release()
+        return w.Stored(writer.size, shard_hash)
+
+    async def _get(self, req: w.Get) -> w.Response:
+        ns, _ = await self._namespace(req.ns)
+        path = ns.dir.shard_path(req.shard_id)
+        try:
+            hdr, data = await trio.to_thread.run_sync(read_range, path, req.offset, req.length)
+        except Missing:
+            raise _refuse(w.ErrorCode.NOT_FOUND, "no such shard") from None
+        except Corrupt as exc:
+            log.warning("namespace %d shard %s: %s", req.ns, req.shard_id.hex(), exc)
+            raise _refuse(w.ErrorCode.CORRUPT, str(exc)) from None
+        return w.Data(hdr.size, hdr.shard_hash, req.offset, data)
+
+    async def _verify(self, req: w.Verify) -> w.Response:
+        ns, _ = await self._namespace(req.ns)
+        try:
+            hdr = await trio.to_thread.run_sync(verify_file, ns.dir.shard_path(req.shard_id))
+        except Missing:
+            raise _refuse(w.ErrorCode.NOT_FOUND, "no such shard") from None
+        except Corrupt as exc:
+            log.warning("namespace %d shard %s: %s", req.ns, req.shard_id.hex(), exc)
+            raise _refuse(w.ErrorCode.CORRUPT, str(exc)) from None
+        return w.Verified(hdr.size, hdr.shard_hash)
+
+    async def _delete(self, req: w.Delete) -> w.Response:
+        ns, info = await self._namespace(req.ns)
+        await self._authorize(ns, info, req)
+        async with ns.lock:
+            try:
+                size = await trio.to_thread.run_sync(ns.dir.delete, req.shard_id)
+            except Missing:
+                raise _refuse(w.ErrorCode.NOT_FOUND, "no such shard") from None
+            ns.used -= size
+            ns.count -= 1
+        return w.Deleted(size)
+
+
+async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
+                           idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+    """Serve one client until it closes, breaks the protocol or stays idle too long.
+
+    Whatever goes wrong ends this connection only (its upload is discarded).
+    """
+    conn = w.ServerConnection()
+    session = Session()
+    try:
+        while True:
+            req = conn.next_request()
+            if isinstance(req, w.NeedData):
+                with trio.fail_after(idle_timeout_s):
+                    data = await stream.receive_some(_RECV)
+                if not data:
+                    return
+                conn.receive_data(bytes(data))
+                continue
+            resp = await store.handle(req, session)
+            with trio.fail_after(idle_timeout_s):
+                await stream.send_all(conn.send(resp))
+    except w.ShardProtocolError as exc:
+        log.info("closing a connection: %s", exc)
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(conn.error_frame(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass
+    finally:
+        session.release()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.NamespaceInfo]],
+                       chain_id: str, host: str, port: int, *,
+                       idle_timeout_s: float = IDLE_TIMEOUT_S,
+                       task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+                       ) -> None:
+    """Serve the shard store on ``host:port`` until cancelled; ``started((host, port))``
+    with the bound port (``port`` 0 picks one).
+
+    Raises :class:`ConfigError` if the address cannot be bound.
+    """
+    await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
+    await trio.to_thread.run_sync(empty_trash, data_dir)
+    store = ShardStore(data_dir, namespaces, chain_id)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {format_hostport((host, port))}: "
+                          f"{exc.strerror or exc}") from None
+    bound = listeners[0].socket.getsockname()
+    log.info("shard store on %s", format_hostport((host, bound[1])))
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, store, idle_timeout_s=idle_timeout_s)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        task_status.started((host, int(bound[1])))
+
+
+# ---------------------------------------------------------------------------------------------
+# the child process
+
+
+class NamespacesWatcher:
+    """The namespaces file's table, re-read when the file changes or on :meth:`reload`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self.table: dict[int, w.NamespaceInfo] = {}
+        self.reload()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self) -> None:
+        """Re-read the file; on a bad file the previous table stays (logged)."""
+        stamp = self._stat()
+        try:
+            self.table = read_namespaces_file(self.path)
+        except ConfigError as exc:
+            log.error("keeping the previous namespaces: %s", exc)
+        self._stamp = stamp
+        log.info("namespaces: %s", sorted(self.table) or "none")
+
+    def poll(self) -> None:
+        if self._stat() != self._stamp:
+            self.reload()
+
+    async def watch(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as hups:
+            async with trio.open_nursery() as nursery:
+                async def on_hup() -> None:
+                    async for _ in hups:
+                        self.reload()
+
+                nursery.start_soon(on_hup)
+                while True:
+                    await trio.sleep(RELOAD_POLL_S)
+                    self.poll()
+
+
+async def run_child(data_dir: Path, listen: tuple[str, int], namespaces_file: Path,
+                    chain_id: str) -> None:
+    """The body of ``python -m zos_agent.shardstore``."""
+    watcher = NamespacesWatcher(namespaces_file)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher.watch)
+            host, port = await nursery.start(
+                serve_shards, data_dir, lambda: watcher.table, chain_id, *listen)
+            print(f"listening {format_hostport((host, port))}", flush=True)
+            async for signum in stops:
+                log.info("stopping on signal %d", signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zos_agent.shardstore",
+                                     description="Serve a node's storage namespaces.")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--listen", required=True, help="HOST:PORT")
+    parser.add_argument("--namespaces-file", required=True, type=Path)
+    parser.add_argument("--chain-id", required=True)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s shardstore %(levelname)s %(message)s")
+    try:
+        listen = parse_hostport(args.listen, what="--listen")
+        trio.run(run_child, args.data_dir, listen, args.namespaces_file, args.chain_id)
+    except ConfigError as exc:
+        print(f"shardstore: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
