@@ -12,7 +12,8 @@ that a test can
   entry, which cannot verify.
 
 It serves the client half of :mod:`ledger.api` (status, block, query, submit_tx,
-subscribe_headers) on a real loopback TCP port, and records every submitted tx.
+subscribe_headers) on two real loopback TCP ports, one that lies (``addr``) and one that
+tells the truth about the same chain (``honest_addr``), and records every submitted tx.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class FakeLedger:
         self.lies: dict[bytes, bytes | None] = {}
         self._subscribers: set[trio.abc.Stream] = set()
         self.new_block = trio.Event()
+        self.addr: tuple[str, int] = ("", 0)
+        self.honest_addr: tuple[str, int] = ("", 0)
 
     @property
     def height(self) -> int:
@@ -101,12 +104,19 @@ class FakeLedger:
     async def run(self, *, block_interval_s: float = 0.3,
                   task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        addr = listeners[0].socket.getsockname()
+        liars = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        honest = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.addr = liars[0].socket.getsockname()[:2]
+        self.honest_addr = honest[0].socket.getsockname()[:2]
+
+        async def handle_honestly(stream: trio.SocketStream) -> None:
+            await self._handle(stream, lying=False)
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+            nursery.start_soon(trio.serve_listeners, self._handle, liars)
+            nursery.start_soon(trio.serve_listeners, handle_honestly, honest)
             nursery.start_soon(self._block_loop, block_interval_s)
-            task_status.started((addr[0], addr[1]))
+            task_status.started(self.addr)
 
     async def _block_loop(self, interval: float) -> None:
         while True:
@@ -120,7 +130,7 @@ class FakeLedger:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._subscribers.discard(s)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, lying: bool = True) -> None:
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
         try:
             while True:
@@ -129,25 +139,26 @@ class FakeLedger:
                     return
                 decoder.receive_data(data)
                 while (msg := decoder.next_message()) is not NEED_DATA:
-                    reply = self._answer(stream, msg)
+                    reply = self._answer(stream, msg, lying)
                     await stream.send_all(encode_frame(reply, CLIENT_MAX_FRAME))
         except (trio.BrokenResourceError, trio.ClosedResourceError, TfgridError):
             return
         finally:
             self._subscribers.discard(stream)
 
-    def _answer(self, stream: trio.abc.Stream, msg: Any) -> dict[str, Any]:
+    def _answer(self, stream: trio.abc.Stream, msg: Any, lying: bool) -> dict[str, Any]:
         rid = msg.get("id")
         params = msg.get("params", {})
         try:
-            result = self._dispatch(stream, msg.get("method"), params)
+            result = self._dispatch(stream, msg.get("method"), params, lying)
         except InvalidTx as exc:
             return {"id": rid, "error": {"code": exc.code, "message": exc.message}}
         except LookupError as exc:
             return {"id": rid, "error": {"code": "not_found", "message": str(exc)}}
         return {"id": rid, "result": result}
 
-    def _dispatch(self, stream: trio.abc.Stream, method: str, params: dict[str, Any]) -> Any:
+    def _dispatch(self, stream: trio.abc.Stream, method: str, params: dict[str, Any],
+                  lying: bool) -> Any:
         if method == "status":
             return {"chain_id": self.genesis.chain_id, "height": self.height,
                     "block_hash": self.blocks[-1].hash() if self.blocks else b"",
@@ -162,7 +173,7 @@ class FakeLedger:
             key = params["key"]
             h = self.height
             state = self.states[-1] if self.states else self.state
-            value = self.lies[key] if key in self.lies else state.get(key)
+            value = self.lies[key] if lying and key in self.lies else state.get(key)
             return {"height": h, "value": value, "proof": state.prove(key).to_wire()}
         if method == "submit_tx":
             tx = Tx.decode(params["tx"])
