@@ -5,7 +5,9 @@ checks agreement, validity and no double-signing after every action, and livenes
 chaos period is over. A failure names its seed; reproduce one with::
 
     .venv/bin/python -c "import sys; sys.path.insert(0, 'tests/sim'); import consensus_sim as s; \
-s.Sim(SEED, s.random_params(SEED, N)).run()"
+s.Sim(SEED, s.random_params(SEED, N, heights=HEIGHTS)).run()"
+
+(the failure message prints that exact line).
 
 ``TFGRID_SIM_SEEDS`` (default 2000) sets the number of seeds per validator-set size.
 """
@@ -37,11 +39,14 @@ def run_chunk(n: int, start: int, stop: int) -> collections.Counter[str]:
     totals: collections.Counter[str] = collections.Counter()
     for seed in range(start, stop):
         # every fourth seed runs three heights, the others two (CPU budget)
-        sim = Sim(seed, random_params(seed, n, heights=3 if seed % 4 == 0 else 2))
+        heights = 3 if seed % 4 == 0 else 2
+        sim = Sim(seed, random_params(seed, n, heights=heights))
         try:
             sim.run()
         except SimFailure as exc:
-            pytest.fail(f"{exc}\nparams: {sim.p}")
+            repro = (f"import sys; sys.path.insert(0, 'tests/sim'); import consensus_sim as s; "
+                     f"s.Sim({seed}, s.random_params({seed}, {n}, heights={heights})).run()")
+            pytest.fail(f"{exc}\nparams: {sim.p}\nreproduce: .venv/bin/python -c \"{repro}\"")
         totals.update(sim.stats)
         totals["evidence"] += len(sim.evidence)
         totals["byzantine"] += sum(1 for pr in sim.procs if pr.role == BYZANTINE)
