@@ -20,6 +20,7 @@ validator, and the validators share the machine's cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import selectors
 import signal
@@ -299,6 +300,8 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=64, help="concurrent senders at full load")
     ap.add_argument("--txs", type=int, default=100, help="transfers per sender at full load")
     ap.add_argument("--light-txs", type=int, default=100)
+    ap.add_argument("--max-block-txs", type=int, default=None,
+                    help="override the validators' block size limit (txs)")
     ap.add_argument("--keep", action="store_true", help="keep the validator homes (logs)")
     args = ap.parse_args()
 
@@ -323,6 +326,11 @@ def main() -> None:
             home = root / f"v{i}"
             init_validator_home(home, genesis=genesis, seed=key.seed, listen=addrs[i], peers=addrs,
                                 empty_block_interval_ms=1000)
+            if args.max_block_txs is not None:
+                cfg_path = home / "config.json"
+                doc = json.loads(cfg_path.read_text())
+                doc["max_block_txs"] = args.max_block_txs
+                cfg_path.write_text(json.dumps(doc))
             with open(home / "node.log", "ab") as log:
                 p = subprocess.Popen([sys.executable, "-m", "ledger.node", "--home", str(home),
                                       "--log-level", "INFO" if args.keep else "WARNING"],
