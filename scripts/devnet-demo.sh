@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Set up (venv + pip install -e .) and run a local grid doing real work: 4 validator processes,
-# identities, transfers, the twin phonebook, farms, a validator crash drill, then tear down.
+# Set up (venv + pip install -e .) and run a local grid doing real work: 4 validator processes
+# and 3 node agents on 3 farms in 3 countries; identities, transfers, the twin phonebook, farms;
+# a busybox web server deployed as a container (runc) from a manifest, answering HTTP, then
+# cancelled; a validator and a node fault drill; then tear down. Needs root (agents run runc).
 #
-#   ./scripts/devnet-demo.sh            # demo in a fresh temporary directory
+#   sudo ./scripts/devnet-demo.sh            # demo in a fresh temporary directory
 #   DEMO_DIR=./devnet KEEP=1 ./scripts/devnet-demo.sh   # keep the grid running afterwards
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" != 0 ]; then
+    echo "devnet-demo: the node agents run containers with runc: run this as root" >&2
+    exit 1
+fi
 bash scripts/bootstrap.sh
 tfgrid() { .venv/bin/tfgrid "$@"; }
 if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
@@ -20,7 +26,7 @@ if [ "${KEEP:-0}" != 1 ]; then
     trap 'say "tfgrid devnet down --dir $DEMO_DIR"; tfgrid devnet down --dir "$DEMO_DIR" || true' EXIT
 fi
 
-run devnet up --validators 4 --nodes 0 --dir "$DEMO_DIR"
+run devnet up --validators 4 --nodes 3 --farms 3 --dir "$DEMO_DIR"
 export TFGRID_HOME=$DEMO_DIR          # the devnet directory is a home with a funded identity
 run identity show
 run account balance
@@ -40,13 +46,53 @@ run twin lookup alice
 run account transfer alice 1000000          # pay a twin by name
 run farm create "Demo Farm" --country BE
 run --home "$ALICE" farm create "Alice Acres" --country NL
-run farm list
+run farm list                               # the devnet's 3 farms and these 2
+run node list                               # 3 node agents, one per devnet farm
+run capacity --by country
+
+say "# a container: build a busybox rootfs, publish it, deploy a web server from a manifest"
+.venv/bin/python -m zos_agent.images build-busybox "$DEMO_DIR-busybox" >/dev/null
+run image push "$DEMO_DIR-busybox"
+image=$(tfgrid image push "$DEMO_DIR-busybox" --json | json_field image)
+cat > "$DEMO_DIR-web.yaml" <<EOF
+name: web
+node: auto
+workloads:
+  - name: httpd
+    kind: container
+    image: $image
+    command: ["httpd", "-f", "-p", "80", "-h", "/www"]
+    env: {GREETING: hi}
+    secret_env: {TOKEN: s3cret}
+    cpu: 1
+    memory: 64MiB
+    disk: 64MiB
+    ports: [80]
+    restart: always
+EOF
+say "cat $DEMO_DIR-web.yaml"
+cat "$DEMO_DIR-web.yaml"
+say "tfgrid deploy $DEMO_DIR-web.yaml --json   # waits until the node reports every workload ok"
+deployed=$(tfgrid deploy "$DEMO_DIR-web.yaml" --json)
+echo "$deployed"
+contract=$(echo "$deployed" | json_field contract)
+run contract show "$contract"
+endpoint=$(tfgrid contract show "$contract" --json \
+    | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["workloads"][0]["endpoint"])')
+say "curl http://$endpoint/     # the container's published port"
+.venv/bin/python -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode(), end="")' "http://$endpoint/"
+run capacity
+run contract cancel "$contract"      # waits until the node reports the workload deleted
+run contract list
 
 say "# fault drill: one of four validators down, the chain keeps committing"
 run devnet stop validator-3
 run account transfer alice 42
 run ledger status
 run devnet start validator-3
+say "# fault drill: a node agent down and up again (its containers would keep running)"
+run devnet stop node-3
+run devnet start node-3
 run devnet status
 
 if [ "${KEEP:-0}" = 1 ]; then
