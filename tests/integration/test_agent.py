@@ -277,6 +277,12 @@ async def test_register_deploy_restart_adopt_cancel(grid: Grid) -> None:
         assert container_pid(a, web_id) == web_pid
         assert container_pid(a, side_id) not in (None, side_pid)
 
+        # -- a clean stop (SIGTERM) leaves the workloads running
+        assert a.stop(signal.SIGTERM) == 0
+        assert container_pid(a, web_id) == web_pid
+        assert b"hello" in await http_get(r["web"]["endpoint"])
+        a.start()
+
         # -- cancel: containers deleted, files wiped, results "deleted"
         await send(client, OWNER, CHAIN_ID, "contract_cancel", {"contract_id": cid})
 
