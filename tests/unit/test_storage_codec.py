@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,11 +33,12 @@ def key_from(seed: int) -> bytes:
 
 @dataclass
 class Stored:
-    """An object encoded into records, as the nodes would hold them."""
+    """An object encoded into shards and hash pages, as the nodes would hold them."""
 
     params: c.Params
     size: int
-    records: dict[tuple[int, str, int], bytes]  # (shard, kind, number) -> record
+    shards: list[bytearray]  # shard i = block i of every segment
+    pages: dict[tuple[int, int], bytes]  # (shard, page) -> page record
     roots: tuple[tuple[bytes, ...], ...]
 
 
@@ -44,26 +47,37 @@ def store(data: bytes, keys: c.ObjectKeys, params: c.Params) -> Stored:
     count = params.segment_count(size)
     cipher = c.SegmentCipher(keys.require_data_key(), count)
     coder = c.ErasureCoder(params.k, params.n)
-    packer = c.ShardPacker(params, size)
-    records: dict[tuple[int, str, int], bytes] = {}
+    hasher = c.ShardHasher(params, size)
+    shards = [bytearray() for _ in range(params.n)]
+    pages: dict[tuple[int, int], bytes] = {}
     for s in range(count):
         off, length = params.segment_span(size, s)
-        for rec in packer.add(c.encode_segment(cipher, coder, s, data[off:off + length])):
-            records[(rec.shard, rec.kind, rec.number)] = rec.data
-    return Stored(params, size, records, packer.page_roots())
+        seg = c.encode_segment(cipher, coder, s, data[off:off + length])
+        for i, block in enumerate(seg.blocks):
+            shards[i] += block
+        for rec in hasher.add(seg):
+            pages[(rec.shard, rec.page)] = rec.data
+    assert all(len(sh) == params.shard_bytes(size) for sh in shards)
+    return Stored(params, size, shards, pages, hasher.page_roots())
 
 
-def read_blocks(st_: Stored, shard: int) -> dict[int, bytes]:
-    """Segment -> verified block of one shard (raises CorruptRecord like a reader would)."""
+def read_blocks(st_: Stored, shard: int, step: int = 7, first: int = 0, stop: int | None = None) -> dict[int, bytes]:
+    """Segment -> verified block of one shard, fetched ``step`` bytes at a time through the
+    sans-IO reader (raises CorruptRecord like a reader would)."""
     p, size = st_.params, st_.size
-    leaves: dict[int, bytes] = {}
-    for page in range(p.page_count(size)):
-        got = c.open_page(st_.records[(shard, "page", page)], p, size, shard, page, st_.roots[shard][page])
-        leaves.update(zip(p.page_segments(size, page), got, strict=True))
+    reader = c.BlockReader(p, size, shard, first, stop)
     blocks: dict[int, bytes] = {}
-    for chunk in range(p.chunk_count(size)):
-        got = c.open_chunk(st_.records[(shard, "chunk", chunk)], p, size, shard, chunk, leaves)
-        blocks.update(zip(p.chunk_segments(size, chunk), got, strict=True))
+    while not reader.done:
+        page = reader.page_needed()
+        if page is not None:
+            reader.add_page(page, c.open_page(st_.pages[(shard, page)], p, size, shard, page,
+                                              st_.roots[shard][page]))
+            blocks.update(reader.feed(b""))
+            continue
+        rng = reader.next_range(step)
+        assert rng is not None
+        off, length = rng
+        blocks.update(reader.feed(bytes(st_.shards[shard][off:off + length])))
     return blocks
 
 
@@ -82,7 +96,6 @@ def fetch(st_: Stored, keys: c.ObjectKeys, shards: list[int]) -> bytes:
 params_st = st.builds(
     c.Params,
     segment_size=st.sampled_from([1, 7, 16, 64, 100, 1000]),
-    blocks_per_chunk=st.integers(1, 5),
     leaves_per_page=st.integers(1, 6),
 )
 
@@ -119,7 +132,7 @@ def test_any_fifteen_shards_fail_cleanly(data: bytes, segment_size: int, seed: i
 @pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 64 * 5, 64 * 5 + 1])
 def test_sizes_around_segment_boundaries(size: int) -> None:
     data = bytes(random.Random(size).getrandbits(8) for _ in range(size))
-    params = c.Params(segment_size=64, blocks_per_chunk=2, leaves_per_page=2)
+    params = c.Params(segment_size=64, leaves_per_page=2)
     keys = c.ReadCap(3, key_from(size)).keys()
     stored = store(data, keys, params)
     assert params.segment_count(size) == max(1, -(-size // 64))
@@ -133,18 +146,18 @@ def test_geometry_of_default_params() -> None:
     gib = 1 << 30
     assert p.segment_count(gib) == 1024
     assert p.block_size(gib, 0) == -(-((1 << 20) + 16) // 16)
-    assert p.chunk_count(gib) == 64
     assert p.page_count(gib) == 1
     assert p.shard_bytes(gib) == 1024 * p.block_size(gib, 0)
-    # a chunk record of default size fits comfortably in a 2 MiB frame
-    chunk = c.pack_chunk(0, 0, [b"\x00" * p.block_size(gib, 0)] * p.blocks_per_chunk)
-    assert len(chunk) < (1 << 20) + 4096
+    assert p.segment_at(gib, p.block_offset(gib, 5) + 3) == 5
+    # a full hash page fits in one shard-store frame
+    page = c.pack_page(0, 0, [bytes(32)] * p.leaves_per_page)
+    assert len(page) < (1 << 20)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [{"k": 0}, {"k": 21}, {"n": 257, "k": 16}, {"segment_size": 0},
-     {"segment_size": c.MAX_SEGMENT_SIZE + 1}, {"blocks_per_chunk": 0}, {"leaves_per_page": 0},
+     {"segment_size": c.MAX_SEGMENT_SIZE + 1}, {"leaves_per_page": 0},
      {"k": True}],
 )
 def test_params_out_of_range(kwargs: dict[str, int]) -> None:
@@ -152,50 +165,57 @@ def test_params_out_of_range(kwargs: dict[str, int]) -> None:
         c.Params(**kwargs)
 
 
-def _flip_block(record: bytes, position: int, byte: int) -> bytes:
-    rec = unpack(record)
-    block = bytearray(rec["blocks"][position])
-    block[byte % len(block)] ^= 0x01
-    rec["blocks"][position] = bytes(block)
-    return pack(rec)
-
-
 @settings(max_examples=50, deadline=None)
 @given(data=st.binary(min_size=1, max_size=2000), seed=st.integers(0, 2**32 - 1))
 def test_flipped_byte_is_pinpointed(data: bytes, seed: int) -> None:
     rng = random.Random(seed)
-    params = c.Params(segment_size=50, blocks_per_chunk=3, leaves_per_page=4)
+    params = c.Params(segment_size=50, leaves_per_page=4)
     keys = c.ReadCap(1, key_from(seed)).keys()
     stored = store(data, keys, params)
     shard = rng.randrange(N)
-    chunk = rng.randrange(params.chunk_count(len(data)))
-    segments = params.chunk_segments(len(data), chunk)
-    pos = rng.randrange(len(segments))
-    key = (shard, "chunk", chunk)
-    stored.records[key] = _flip_block(stored.records[key], pos, rng.randrange(1 << 16))
-    with pytest.raises(CorruptRecord) as info:
-        read_blocks(stored, shard)
-    assert info.value.blocks == (segments[pos],)
+    pos = rng.randrange(params.shard_bytes(len(data)))
+    stored.shards[shard][pos] ^= 1 << rng.randrange(8)
+    segment = params.segment_at(len(data), pos)
+    with pytest.raises(CorruptRecord, match=f"segment {segment} does not match") as info:
+        read_blocks(stored, shard, step=rng.randrange(1, 300))
+    assert info.value.blocks == (segment,)
+    # blocks before the bad one were fine, and a reader started after it is too
+    assert len(read_blocks(stored, shard, first=0, stop=segment)) == segment
+    after = read_blocks(stored, shard, first=segment + 1)
+    assert sorted(after) == list(range(segment + 1, params.segment_count(len(data))))
     # the other shards still rebuild the object
     assert fetch(stored, keys, [i for i in range(N) if i != shard][:K]) == data
 
 
-def test_tampered_page_and_misplaced_records_are_refused() -> None:
-    params = c.Params(segment_size=10, blocks_per_chunk=2, leaves_per_page=3)
+def test_tampered_and_misplaced_pages_are_refused() -> None:
+    params = c.Params(segment_size=10, leaves_per_page=3)
     keys = c.ReadCap(1, key_from(9)).keys()
     stored = store(bytes(range(100)), keys, params)
-    page = unpack(stored.records[(2, "page", 0)])
+    page = unpack(stored.pages[(2, 0)])
     page["leaves"] = bytes(32) + page["leaves"][32:]
-    stored.records[(2, "page", 0)] = pack(page)
+    stored.pages[(2, 0)] = pack(page)
     with pytest.raises(CorruptRecord, match="Merkle root"):
         read_blocks(stored, 2)
-    # shard 3 serving shard 4's chunk: misplaced
-    stored.records[(3, "chunk", 0)] = stored.records[(4, "chunk", 0)]
+    stored.pages[(3, 0)] = stored.pages[(4, 0)]
     with pytest.raises(CorruptRecord, match="misplaced"):
         read_blocks(stored, 3)
-    stored.records[(5, "chunk", 1)] = b"\xc1garbage"
+    stored.pages[(5, 1)] = b"\xc1garbage"
     with pytest.raises(CorruptRecord, match="not a valid record"):
         read_blocks(stored, 5)
+    # a shard that swapped with another's fails on its first block
+    stored.shards[6], stored.shards[7] = stored.shards[7], stored.shards[6]
+    with pytest.raises(CorruptRecord) as info:
+        read_blocks(stored, 6)
+    assert info.value.blocks == (0,)
+
+
+def test_block_reader_refuses_extra_bytes() -> None:
+    params = c.Params(segment_size=10, leaves_per_page=3)
+    stored = store(bytes(30), c.ReadCap(1, key_from(9)).keys(), params)
+    reader = c.BlockReader(params, 30, 0)
+    reader.add_page(0, c.open_page(stored.pages[(0, 0)], params, 30, 0, 0, stored.roots[0][0]))
+    with pytest.raises(CorruptRecord, match="more bytes"):
+        reader.feed(bytes(stored.shards[0]) + b"extra")
 
 
 @given(leaves=st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=40), data=st.data())
@@ -237,9 +257,9 @@ def test_segments_cannot_be_reordered_or_truncated() -> None:
 
 def test_no_plaintext_run_in_any_record() -> None:
     data = (b"The quick brown fox jumps over the lazy dog. " * 200)[:8000]
-    params = c.Params(segment_size=1000, blocks_per_chunk=2)
+    params = c.Params(segment_size=1000)
     stored = store(data, c.ReadCap(1, key_from(3)).keys(), params)
-    blob = b"".join(stored.records.values())
+    blob = b"".join(stored.shards) + b"".join(stored.pages.values())
     windows = {data[i:i + 64] for i in range(0, len(data) - 64)}
     assert not any(blob[j:j + 64] in windows for j in range(len(blob) - 64))
 
@@ -263,7 +283,7 @@ def test_erasure_coder_edges() -> None:
 
 def test_verify_cap_repairs_ciphertext_without_decrypting() -> None:
     data = bytes(range(256)) * 9
-    params = c.Params(segment_size=200, blocks_per_chunk=4, leaves_per_page=5)
+    params = c.Params(segment_size=200, leaves_per_page=5)
     read = c.ReadCap(8, key_from(4))
     stored = store(data, read.keys(), params)
     vkeys = c.parse_cap(str(read.verify_cap())).keys()
@@ -328,11 +348,11 @@ def test_cap_parse_errors() -> None:
 def test_record_ids_are_distinct_and_keyed() -> None:
     si = c.ReadCap(1, key_from(1)).keys().storage_index
     other = c.ReadCap(1, key_from(2)).keys().storage_index
-    ids = {c.chunk_id(si, s, n) for s in range(20) for n in range(5)}
+    ids = {c.shard_id(si, s) for s in range(20)}
     ids |= {c.page_id(si, s, n) for s in range(20) for n in range(5)}
     ids |= {c.manifest_id(si, ns) for ns in range(40)}
-    assert len(ids) == 100 + 100 + 40
-    assert c.chunk_id(si, 0, 0) != c.chunk_id(other, 0, 0)
+    assert len(ids) == 20 + 100 + 40
+    assert c.shard_id(si, 0) != c.shard_id(other, 0)
     assert all(len(i) == 32 for i in ids)
 
 
@@ -406,7 +426,7 @@ def test_manifest_wrong_key_and_tampering() -> None:
 def test_manifest_validation() -> None:
     m = make_manifest()
     wire = m.to_wire()
-    for mutate, why in [
+    cases: list[tuple[Callable[[dict[str, Any]], object], str]] = [
         (lambda w: w.update(version=2), "version"),
         (lambda w: w.update(codec="rs"), "codec"),
         (lambda w: w["shards"].pop(), "shards 0..n-1"),
@@ -416,7 +436,8 @@ def test_manifest_validation() -> None:
         (lambda w: w.update(size=-1), "non-negative"),
         (lambda w: w.pop("retired"), "malformed"),
         (lambda w: w.update(revision=0), "revision"),
-    ]:
+    ]
+    for mutate, why in cases:
         w = unpack(pack(wire))
         mutate(w)
         with pytest.raises(BadManifest, match=why):

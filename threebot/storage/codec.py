@@ -3,9 +3,11 @@
 Pipeline of one object (design section 5, issue 4)::
 
     plaintext --segments of S bytes--> AES-256-GCM per segment (random key per object, nonce =
-    segment index) --zfec k-of-n per segment--> block i of every segment goes to shard i -->
-    per shard: blocks grouped into chunks (the stored unit) and a Merkle tree over the blocks
-    (leaf = hash of one block), its leaves stored in hash pages, the page roots in the manifest.
+    segment index) --zfec k-of-n per segment--> shard i = block i of every segment, in order,
+    stored as one shard-store object on one node --> per shard a Merkle tree over its blocks
+    (leaf = hash of one block), its leaves stored in hash pages next to the shard, the page
+    roots in the manifest; a reader checks every block it receives against its leaf, so a bad
+    block is pinpointed (shard, segment) and that shard's node is dropped.
 
 The manifest (sizes, coding parameters, codec and cipher ids, page roots of every shard,
 placement) is encrypted with a key derived from the verify key and itself erasure-coded k-of-n,
@@ -26,7 +28,8 @@ free next to zfec and the block hashes, so it is the cipher (the issue wins over
 XChaCha20 here). Its 96-bit nonce is safe with a counter because every object has a fresh
 random key and a segment is encrypted once; manifests are re-encrypted on repair, so they use
 random nonces instead. Segment size 1 MiB: zfec is fastest at 256 KiB-1 MiB (beyond, its
-tables fall out of cache), and a chunk of 16 blocks (~1 MiB) is one shard-store write.
+tables fall out of cache); 1 MiB segments give 64 KiB blocks, so one 1 MiB shard-store frame
+moves 16 blocks and a 1 GiB object has 1024 leaves per shard (one 32 KiB hash page).
 
 Keys (BLAKE2b keyed, personalised "tfgrid/storage/1")::
 
@@ -84,7 +87,6 @@ NONCE_SIZE = 12
 DEFAULT_K = 16
 DEFAULT_N = 20
 DEFAULT_SEGMENT_SIZE = 1 << 20
-DEFAULT_BLOCKS_PER_CHUNK = 16
 DEFAULT_LEAVES_PER_PAGE = 16_384  # 512 KiB of leaf hashes; one page covers 16 GiB per shard
 MAX_SEGMENT_SIZE = 64 << 20
 MAX_RECORD = 16 << 20  # no record we write is larger; decoding refuses more
@@ -123,11 +125,10 @@ class Params:
     k: int = DEFAULT_K
     n: int = DEFAULT_N
     segment_size: int = DEFAULT_SEGMENT_SIZE
-    blocks_per_chunk: int = DEFAULT_BLOCKS_PER_CHUNK
     leaves_per_page: int = DEFAULT_LEAVES_PER_PAGE
 
     def __post_init__(self) -> None:
-        for name in ("k", "n", "segment_size", "blocks_per_chunk", "leaves_per_page"):
+        for name in ("k", "n", "segment_size", "leaves_per_page"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise BadParameters(f"{name} must be an integer")
@@ -135,8 +136,6 @@ class Params:
             raise BadParameters(f"need 1 <= k <= n <= 256, got k={self.k} n={self.n}")
         if not 1 <= self.segment_size <= MAX_SEGMENT_SIZE:
             raise BadParameters(f"segment size {self.segment_size} outside 1..{MAX_SEGMENT_SIZE}")
-        if not 1 <= self.blocks_per_chunk <= 4096:
-            raise BadParameters(f"blocks per chunk {self.blocks_per_chunk} outside 1..4096")
         if not 1 <= self.leaves_per_page <= 65_536:
             raise BadParameters(f"leaves per page {self.leaves_per_page} outside 1..65536")
 
@@ -158,12 +157,14 @@ class Params:
     def block_size(self, size: int, index: int) -> int:
         return -(-self.cipher_len(size, index) // self.k)
 
-    def chunk_count(self, size: int) -> int:
-        return -(-self.segment_count(size) // self.blocks_per_chunk)
+    def block_offset(self, size: int, index: int) -> int:
+        """Where the block of segment ``index`` starts in a shard (all blocks but the last
+        segment's have the size of segment 0's)."""
+        return index * self.block_size(size, 0)
 
-    def chunk_segments(self, size: int, chunk: int) -> range:
-        first = chunk * self.blocks_per_chunk
-        return range(first, min(first + self.blocks_per_chunk, self.segment_count(size)))
+    def segment_at(self, size: int, offset: int) -> int:
+        """The segment whose block covers shard byte ``offset``."""
+        return min(offset // self.block_size(size, 0), self.segment_count(size) - 1)
 
     def page_count(self, size: int) -> int:
         return -(-self.segment_count(size) // self.leaves_per_page)
@@ -173,7 +174,7 @@ class Params:
         return range(first, min(first + self.leaves_per_page, self.segment_count(size)))
 
     def shard_bytes(self, size: int) -> int:
-        """Bytes of blocks one shard holds (chunk and page framing not included)."""
+        """Bytes of one shard (the concatenation of its blocks)."""
         last = self.segment_count(size) - 1
         total = last * self.block_size(size, 0)
         return total + self.block_size(size, last)
@@ -331,9 +332,9 @@ def _record_id(storage_index: bytes, what: list[Any]) -> bytes:
     return hashlib.blake2b(pack(what), key=storage_index, digest_size=HASH_SIZE, person=_PERSON).digest()
 
 
-def chunk_id(storage_index: bytes, shard: int, chunk: int) -> bytes:
-    """Shard-store id of chunk ``chunk`` of shard ``shard``."""
-    return _record_id(storage_index, ["chunk", shard, chunk])
+def shard_id(storage_index: bytes, shard: int) -> bytes:
+    """Shard-store id of shard ``shard`` (the same on whichever node holds it)."""
+    return _record_id(storage_index, ["shard", shard])
 
 
 def page_id(storage_index: bytes, shard: int, page: int) -> bytes:
@@ -525,55 +526,43 @@ def decode_segment(
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
-    """A record to store on shard ``shard``'s node: a chunk of blocks or a page of leaves."""
+class PageRecord:
+    """Hash page ``page`` of shard ``shard``: stored next to the shard as its own object."""
 
     shard: int
-    kind: str  # "chunk" or "page"
-    number: int
+    page: int
     data: bytes
 
 
-class ShardPacker:
-    """Groups encoded segments (fed in order) into chunk and hash-page records.
-
-    Memory stays bounded: at most one chunk of blocks and one page of leaves per shard are
-    held; full chunks and pages are handed back as soon as they complete.
-    """
+class ShardHasher:
+    """Collects every shard's leaves as segments are encoded (fed in segment order) and hands
+    back each hash page as soon as it is complete; holds at most one page of leaves per shard,
+    so memory stays bounded for objects of any size."""
 
     def __init__(self, params: Params, size: int) -> None:
         self._p = params
-        self._size = size
         self._count = params.segment_count(size)
         self._next = 0
-        self._blocks: list[list[bytes]] = [[] for _ in range(params.n)]
         self._leaves: list[list[bytes]] = [[] for _ in range(params.n)]
         self._roots: list[list[bytes]] = [[] for _ in range(params.n)]
 
-    def add(self, seg: EncodedSegment) -> list[Record]:
-        """Take the next segment; return the records it completed."""
+    def add(self, seg: EncodedSegment) -> list[PageRecord]:
+        """Take the next segment's leaves; return the page records it completed."""
         if seg.index != self._next or seg.index >= self._count:
             raise BadParameters(f"segment {seg.index} out of order (expected {self._next})")
-        if len(seg.blocks) != self._p.n or len(seg.leaves) != self._p.n:
-            raise BadParameters("an encoded segment must carry n blocks and n leaves")
+        if len(seg.leaves) != self._p.n:
+            raise BadParameters("an encoded segment must carry n leaves")
         self._next += 1
-        out: list[Record] = []
         for i in range(self._p.n):
-            self._blocks[i].append(seg.blocks[i])
             self._leaves[i].append(seg.leaves[i])
-        last = self._next == self._count
-        if last or self._next % self._p.blocks_per_chunk == 0:
-            chunk = seg.index // self._p.blocks_per_chunk
-            for i in range(self._p.n):
-                out.append(Record(i, "chunk", chunk, pack_chunk(i, chunk, self._blocks[i])))
-                self._blocks[i] = []
-        if last or self._next % self._p.leaves_per_page == 0:
-            page = seg.index // self._p.leaves_per_page
-            for i in range(self._p.n):
-                leaves = self._leaves[i]
-                self._roots[i].append(merkle_root(leaves))
-                out.append(Record(i, "page", page, pack_page(i, page, leaves)))
-                self._leaves[i] = []
+        if self._next != self._count and self._next % self._p.leaves_per_page:
+            return []
+        page = seg.index // self._p.leaves_per_page
+        out = []
+        for i in range(self._p.n):
+            leaves, self._leaves[i] = self._leaves[i], []
+            self._roots[i].append(merkle_root(leaves))
+            out.append(PageRecord(i, page, pack_page(i, page, leaves)))
         return out
 
     @property
@@ -587,71 +576,110 @@ class ShardPacker:
         return tuple(tuple(r) for r in self._roots)
 
 
-def pack_chunk(shard: int, chunk: int, blocks: Sequence[bytes]) -> bytes:
-    return pack({"v": FORMAT_VERSION, "t": "chunk", "shard": shard, "chunk": chunk,
-                 "blocks": list(blocks)})
-
-
 def pack_page(shard: int, page: int, leaves: Sequence[bytes]) -> bytes:
     return pack({"v": FORMAT_VERSION, "t": "page", "shard": shard, "page": page,
                  "leaves": b"".join(leaves)})
 
 
-def _unpack_record(data: bytes, kind: str, shard: int, number_field: str, number: int) -> dict[str, Any]:
-    where = f"{kind} {number} of shard {shard}"
+def open_page(data: bytes, params: Params, size: int, shard: int, page: int, root: bytes) -> list[bytes]:
+    """The leaf hashes in a hash page, checked against the page root from the manifest.
+
+    Raises :class:`CorruptRecord` when malformed, misplaced or not matching ``root``.
+    """
+    where = f"hash page {page} of shard {shard}"
     try:
         rec = unpack(data, max_size=MAX_RECORD)
     except MalformedFrame:
         raise CorruptRecord(f"{where} is not a valid record") from None
-    if not isinstance(rec, dict) or rec.get("v") != FORMAT_VERSION or rec.get("t") != kind:
-        raise CorruptRecord(f"{where} is not a version-{FORMAT_VERSION} {kind} record")
-    if rec.get("shard") != shard or rec.get(number_field) != number:
+    if not isinstance(rec, dict) or rec.get("v") != FORMAT_VERSION or rec.get("t") != "page":
+        raise CorruptRecord(f"{where} is not a version-{FORMAT_VERSION} page record")
+    if rec.get("shard") != shard or rec.get("page") != page:
         raise CorruptRecord(f"{where} holds another record (misplaced)")
-    return rec
-
-
-def open_page(data: bytes, params: Params, size: int, shard: int, page: int, root: bytes) -> list[bytes]:
-    """The leaf hashes in a hash page, checked against the page root from the manifest.
-
-    Raises :class:`CorruptRecord` when malformed or not matching ``root``.
-    """
-    rec = _unpack_record(data, "page", shard, "page", page)
     raw = rec.get("leaves")
     count = len(params.page_segments(size, page))
     if not isinstance(raw, bytes) or len(raw) != count * HASH_SIZE or count == 0:
-        raise CorruptRecord(f"page {page} of shard {shard} holds the wrong number of leaves")
+        raise CorruptRecord(f"{where} holds the wrong number of leaves")
     leaves = [raw[j * HASH_SIZE:(j + 1) * HASH_SIZE] for j in range(count)]
     if merkle_root(leaves) != root:
-        raise CorruptRecord(f"page {page} of shard {shard} does not match its Merkle root")
+        raise CorruptRecord(f"{where} does not match its Merkle root")
     return leaves
 
 
-def open_chunk(
-    data: bytes, params: Params, size: int, shard: int, chunk: int, leaves: Mapping[int, bytes]
-) -> list[bytes]:
-    """The blocks of a chunk, each checked against its leaf hash (``leaves`` maps segment
-    number -> verified leaf). Raises :class:`CorruptRecord` whose ``blocks`` pinpoints the
-    segment numbers of the bad blocks."""
-    rec = _unpack_record(data, "chunk", shard, "chunk", chunk)
-    blocks = rec.get("blocks")
-    segments = params.chunk_segments(size, chunk)
-    if not isinstance(blocks, list) or len(blocks) != len(segments):
-        raise CorruptRecord(f"chunk {chunk} of shard {shard} holds the wrong number of blocks",
-                            segments)
-    bad = [
-        s for s, block in zip(segments, blocks, strict=True)
-        if not isinstance(block, bytes) or len(block) != params.block_size(size, s)
-        or leaf_hash(block) != leaves.get(s)
-    ]
-    if bad:
-        shown = ", ".join(str(s) for s in bad[:8])
-        raise CorruptRecord(f"shard {shard}: block of segment {shown} does not match its hash", bad)
-    return blocks
+class BlockReader:
+    """Sans-IO reader of one shard: cuts its byte stream into blocks and checks each block
+    against its leaf, for segments ``first`` .. ``stop - 1``.
 
+    Drive it with :meth:`next_range` (what to ask the store for), :meth:`page_needed` /
+    :meth:`add_page` (the verified leaves of the page covering the next segment) and
+    :meth:`feed` (the bytes received). A block that does not match its leaf raises
+    :class:`CorruptRecord` whose ``blocks`` names that segment: the shard's node is lying or
+    its disk rotted, and the caller drops it.
+    """
 
-def bad_blocks(leaves: Sequence[bytes], blocks: Sequence[bytes]) -> list[int]:
-    """Positions whose block does not hash to its leaf (pinpointing corruption)."""
-    return [j for j, (leaf, block) in enumerate(zip(leaves, blocks, strict=True)) if leaf_hash(block) != leaf]
+    def __init__(self, params: Params, size: int, shard: int, first: int = 0, stop: int | None = None) -> None:
+        count = params.segment_count(size)
+        stop = count if stop is None else stop
+        if not 0 <= first <= stop <= count:
+            raise BadParameters(f"segments {first}..{stop} outside 0..{count}")
+        self._p = params
+        self._size = size
+        self.shard = shard
+        self.next_segment = first
+        self._stop = stop
+        self._buf = bytearray()
+        self._requested = params.block_offset(size, first)
+        self._end = params.block_offset(size, stop - 1) + params.block_size(size, stop - 1) if stop > first else self._requested
+        self._page: int | None = None
+        self._leaves: list[bytes] = []
+
+    @property
+    def done(self) -> bool:
+        return self.next_segment >= self._stop
+
+    def next_range(self, max_len: int) -> tuple[int, int] | None:
+        """(offset, length) of the next bytes to fetch (marks them requested), or None."""
+        if self._requested >= self._end:
+            return None
+        length = min(max_len, self._end - self._requested)
+        offset = self._requested
+        self._requested += length
+        return offset, length
+
+    def page_needed(self) -> int | None:
+        """The hash page whose leaves must be added before the next block can be checked."""
+        if self.done:
+            return None
+        page = self.next_segment // self._p.leaves_per_page
+        return None if page == self._page else page
+
+    def add_page(self, page: int, leaves: list[bytes]) -> None:
+        """Leaves of ``page`` as returned by :func:`open_page` (the previous page is dropped)."""
+        if len(leaves) != len(self._p.page_segments(self._size, page)):
+            raise BadParameters(f"page {page} needs {len(self._p.page_segments(self._size, page))} leaves")
+        self._page = page
+        self._leaves = leaves
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Take the next received bytes; return the (segment, block) pairs completed and
+        verified. Stops early at a page boundary until :meth:`add_page` is called (then call
+        ``feed(b"")``). Raises :class:`CorruptRecord` on a bad block."""
+        self._buf += data
+        out: list[tuple[int, bytes]] = []
+        while not self.done and self.page_needed() is None:
+            s = self.next_segment
+            bs = self._p.block_size(self._size, s)
+            if len(self._buf) < bs:
+                break
+            block = bytes(self._buf[:bs])
+            leaf = self._leaves[s - (self._page or 0) * self._p.leaves_per_page]
+            if leaf_hash(block) != leaf:
+                raise CorruptRecord(f"shard {self.shard}: the block of segment {s} does not match its hash", [s])
+            del self._buf[:bs]
+            self.next_segment += 1
+            out.append((s, block))
+        if len(self._buf) > (self._end - self._p.block_offset(self._size, self.next_segment) if not self.done else 0):
+            raise CorruptRecord(f"shard {self.shard}: the store sent more bytes than were asked for")
+        return out
 
 
 # -- manifest --------------------------------------------------------------------------------
@@ -723,8 +751,7 @@ class Manifest:
         p = self.params
         return {
             "version": FORMAT_VERSION, "revision": self.revision, "size": self.size,
-            "k": p.k, "n": p.n, "segment_size": p.segment_size,
-            "blocks_per_chunk": p.blocks_per_chunk, "leaves_per_page": p.leaves_per_page,
+            "k": p.k, "n": p.n, "segment_size": p.segment_size, "leaves_per_page": p.leaves_per_page,
             "codec": self.codec, "cipher": self.cipher,
             "shards": [
                 {"index": s.index, "node": s.placement.node, "ns": s.placement.ns,
@@ -753,7 +780,7 @@ class Manifest:
             raise BadManifest("a manifest is a map")
         if v.get("version") != FORMAT_VERSION:
             raise BadManifest(f"unsupported manifest version {v.get('version')!r}")
-        params = Params(v["k"], v["n"], v["segment_size"], v["blocks_per_chunk"], v["leaves_per_page"])
+        params = Params(v["k"], v["n"], v["segment_size"], v["leaves_per_page"])
         shards = tuple(
             ShardEntry(_int(s["index"]), _placement(s),
                        tuple(_bytes(r) for r in s["pages"]))
