@@ -26,7 +26,7 @@ import trio
 from ledger import keyspace
 from ledger.api import CLIENT_MAX_FRAME
 from ledger.client import LedgerClient
-from ledger.codec import unpack
+from ledger.codec import hash_value, unpack
 from ledger.errors import (
     InvalidTx,
     LedgerTimeout,
@@ -421,12 +421,18 @@ class Follower:
 
     async def views(self, node_id: int, also: set[int]) -> dict[int, ContractView]:
         """Views of the node's live contracts plus the contracts in ``also`` (which still
-        have something on this node). A contract that cannot be read right now is left out
-        (so nothing is deleted because of an unreachable peer); one served without a valid
-        proof is refused."""
+        have something on this node). A contract that cannot be read right now is held
+        (whatever runs of it is left alone: nothing is deleted because a peer is unreachable);
+        one served without a valid proof is refused, and held too.
+
+        Raises like :meth:`ProvenReader.get` when the node's contract list cannot be read."""
         live = await self.live_contract_ids(node_id)
         out: dict[int, ContractView] = {}
-        for cid in sorted(set(live) | also):
+        wanted = set(live) | also
+        for cid in list(self._checked):
+            if cid not in wanted:
+                del self._checked[cid]
+        for cid in sorted(wanted):
             try:
                 view = await self._view(cid, node_id, is_live=cid in live)
             except Unverifiable as exc:
@@ -453,10 +459,18 @@ class Follower:
             # Off this node's list but not cancelled: another node's contract (a stale local
             # container id); nothing of it belongs here.
             return ContractView(contract_id=cid, version=1, state="missing")
+        try:
+            dep_digest = hash_value(entry.get("deployment"))
+        except TfgridError:
+            dep_digest = None  # unencodable: never cached, check_contract refuses it
+        # Everything check_contract looks at, except the results and the live state.
         cache_key = (entry.get("version"), entry.get("deployment_hash"), entry.get("signature"),
+                     dep_digest, entry.get("node"), entry.get("owner"), entry.get("owner_key"),
                      entry.get("state") == "cancelled")
         cached = self._checked.get(cid)
-        if cached is not None and cached[0] == cache_key and cached[1] is not None:
+        if cached is not None and cached[0] == cache_key and dep_digest is not None:
+            if cached[1] is None:
+                return None
             base = cached[1]
         else:
             owner = entry.get("owner")
