@@ -1,0 +1,458 @@
+"""The shard store over real TCP on 127.0.0.1: in-process (``nursery.start(serve_shards)``) and
+as the ``python -m zos_agent.shardstore`` child process the agent runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ledger.codec import hash_bytes
+from ledger.keys import KeyPair
+from ledger.wire import encode_frame
+from zos_agent import shardwire as w
+from zos_agent.shardstore import (
+    HEADER_FIXED,
+    NamespaceDir,
+    serve_shards,
+    write_namespaces_file,
+)
+
+REPO = Path(__file__).resolve().parent.parent.parent
+CHAIN = "test-chain"
+OWNER = KeyPair.from_seed(b"\x11" * 32)
+STRANGER = KeyPair.from_seed(b"\x22" * 32)
+NS = 42
+QUOTA = 8 * w.MAX_CHUNK
+
+
+class Client:
+    """A minimal shard-store client for the tests (the real one is threebot.storage)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = w.ClientConnection()
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def response(self) -> w.Response:
+        while True:
+            resp = self.conn.next_response()
+            if not isinstance(resp, w.NeedData):
+                return resp
+            data = await self.stream.receive_some(1 << 16)
+            if not data:
+                raise EOFError("store closed the connection")
+            self.conn.receive_data(bytes(data))
+
+    async def call(self, req: w.Request) -> w.Response:
+        await self.stream.send_all(self.conn.send(req))
+        return await self.response()
+
+    async def upload(self, ns: int, sid: bytes, data: bytes, nonce: int,
+                     key: KeyPair = OWNER) -> w.Response:
+        resp: w.Response = w.Error(w.ErrorCode.INTERNAL, "nothing sent")
+        for req in w.upload_requests(key, CHAIN, ns, sid, data, nonce):
+            resp = await self.call(req)
+            if isinstance(resp, w.Error):
+                return resp
+        return resp
+
+    async def download(self, ns: int, sid: bytes) -> bytes | w.Error:
+        out = bytearray()
+        while True:
+            resp = await self.call(w.Get(ns, sid, len(out), w.MAX_CHUNK))
+            if isinstance(resp, w.Error):
+                return resp
+            assert isinstance(resp, w.Data)
+            out += resp.data
+            if len(out) >= resp.size:
+                assert hash_bytes(bytes(out)) == resp.hash
+                return bytes(out)
+
+    async def closed(self) -> bool:
+        """True once the store has closed this connection."""
+        with trio.fail_after(10):
+            while True:
+                try:
+                    data = await self.stream.receive_some(1 << 16)
+                except trio.BrokenResourceError:
+                    return True
+                if not data:
+                    return True
+
+
+@asynccontextmanager
+async def connect(addr: tuple[str, int]) -> AsyncIterator[Client]:
+    stream = await trio.open_tcp_stream(*addr)
+    async with stream:
+        yield Client(stream)
+
+
+def code(resp: w.Response) -> w.ErrorCode | None:
+    return resp.code if isinstance(resp, w.Error) else None
+
+
+def sid(n: int) -> bytes:
+    return hash_bytes(b"shard-%d" % n)
+
+
+def payload(n: int, size: int) -> bytes:
+    return random.Random(n).randbytes(size)
+
+
+class Nonces:
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __call__(self) -> int:
+        self.last += 1
+        return self.last
+
+
+@pytest.fixture
+def table() -> dict[int, w.NamespaceInfo]:
+    return {NS: w.NamespaceInfo(OWNER.public_key, QUOTA)}
+
+
+@asynccontextmanager
+async def running_store(data_dir: Path, table: dict[int, w.NamespaceInfo],
+                        **kw: Any) -> AsyncIterator[tuple[str, int]]:
+    async with trio.open_nursery() as nursery:
+        addr = await nursery.start(lambda task_status: serve_shards(
+            data_dir, lambda: table, CHAIN, "127.0.0.1", 0, task_status=task_status, **kw))
+        yield addr
+        nursery.cancel_scope.cancel()
+
+
+# -- in-process ------------------------------------------------------------------------------
+
+
+async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
+                                           table: dict[int, w.NamespaceInfo]) -> None:
+    nonce = Nonces()
+    big = payload(1, 3 * w.MAX_CHUNK + 12_345)  # a put and three appends
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        stored = await c.upload(NS, sid(1), big, nonce())
+        assert stored == w.Stored(len(big), hash_bytes(big))
+        assert await c.download(NS, sid(1)) == big
+        # an unaligned range crossing a block boundary
+        r = await c.call(w.Get(NS, sid(1), w.BLOCK_SIZE - 7, 100))
+        assert isinstance(r, w.Data)
+        assert r.data == big[w.BLOCK_SIZE - 7 : w.BLOCK_SIZE + 93]
+        r = await c.call(w.Get(NS, sid(1), len(big) - 5, w.MAX_CHUNK))
+        assert isinstance(r, w.Data)
+        assert r.data == big[-5:]
+        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(len(big), hash_bytes(big))
+        # empty and small shards; replacing a shard
+        assert await c.upload(NS, sid(2), b"", nonce()) == w.Stored(0, hash_bytes(b""))
+        assert await c.download(NS, sid(2)) == b""
+        assert await c.upload(NS, sid(3), b"old", nonce()) == w.Stored(3, hash_bytes(b"old"))
+        assert await c.upload(NS, sid(3), b"newer", nonce()) == w.Stored(5, hash_bytes(b"newer"))
+        assert await c.download(NS, sid(3)) == b"newer"
+        assert await c.call(w.Stat(NS)) == w.StatResult(len(big) + 5, QUOTA, 3)
+        # delete
+        assert await c.call(w.make_delete(OWNER, CHAIN, NS, sid(3), nonce())) == w.Deleted(5)
+        assert code(await c.call(w.Get(NS, sid(3)))) is w.ErrorCode.NOT_FOUND
+        assert code(await c.call(w.make_delete(OWNER, CHAIN, NS, sid(3), nonce()))) is \
+            w.ErrorCode.NOT_FOUND
+        assert await c.call(w.Stat(NS)) == w.StatResult(len(big), QUOTA, 2)
+        assert code(await c.call(w.Stat(NS + 1))) is w.ErrorCode.UNKNOWN_NAMESPACE
+        assert code(await c.call(w.Get(NS + 1, sid(1)))) is w.ErrorCode.UNKNOWN_NAMESPACE
+
+
+async def test_unsigned_foreign_and_replayed_writes_are_refused(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+    nonce = Nonces()
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert code(await c.upload(NS, sid(1), b"x", nonce(), key=STRANGER)) is \
+            w.ErrorCode.NOT_OWNER
+        put = w.make_put(OWNER, CHAIN, NS, sid(1), 1, b"x", nonce())
+        forged = w.Put(put.ns, put.shard_id, put.size, put.hash, put.nonce, put.owner,
+                       STRANGER.sign(w.request_sign_bytes(CHAIN, put.signed_body())), put.data)
+        assert code(await c.call(forged)) is w.ErrorCode.BAD_SIGNATURE
+        assert isinstance(await c.call(put), w.Stored)
+        assert code(await c.call(put)) is w.ErrorCode.REPLAY
+        dele = w.make_delete(OWNER, CHAIN, NS, sid(1), nonce())
+        assert code(await c.call(w.make_delete(STRANGER, CHAIN, NS, sid(1), nonce()))) is \
+            w.ErrorCode.NOT_OWNER
+        assert await c.call(dele) == w.Deleted(1)
+        assert isinstance(await c.call(w.make_put(OWNER, CHAIN, NS, sid(1), 1, b"y", nonce())),
+                          w.Stored)
+        assert code(await c.call(dele)) is w.ErrorCode.REPLAY  # the shard stays
+        assert await c.download(NS, sid(1)) == b"y"
+        # A hash signed for other content is never committed.
+        lie = w.make_put(OWNER, CHAIN, NS, sid(4), 2, b"ab", nonce(), shard_hash=hash_bytes(b"cd"))
+        assert code(await c.call(lie)) is w.ErrorCode.BAD_HASH
+        assert code(await c.call(w.Get(NS, sid(4)))) is w.ErrorCode.NOT_FOUND
+        # the connection kept working through every refusal
+        assert await c.call(w.Stat(NS)) == w.StatResult(1, QUOTA, 1)
+
+
+async def test_quota_is_enforced_and_counts_uploads_in_flight(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+    nonce = Nonces()
+    async with running_store(tmp_path, table) as addr, connect(addr) as a, connect(addr) as b:
+        half = QUOTA // 2
+        assert isinstance(await a.upload(NS, sid(1), payload(1, half), nonce()), w.Stored)
+        # b opens an upload of the remaining half: reserved while in flight
+        first = await b.call(w.make_put(OWNER, CHAIN, NS, sid(2), half, payload(2, w.MAX_CHUNK),
+                                        nonce()))
+        assert first == w.Accepted(w.MAX_CHUNK)
+        assert code(await a.upload(NS, sid(3), b"z", nonce())) is w.ErrorCode.QUOTA_EXCEEDED
+        # an abandoned upload gives its reservation back
+        await b.stream.aclose()
+        with trio.fail_after(10):
+            while True:
+                r = await a.upload(NS, sid(3), b"z", nonce())
+                if isinstance(r, w.Stored):
+                    break
+                await trio.sleep(0.01)
+        assert code(await a.upload(NS, sid(4), payload(4, half), nonce())) is \
+            w.ErrorCode.QUOTA_EXCEEDED
+        assert await a.call(w.Stat(NS)) == w.StatResult(half + 1, QUOTA, 2)
+        assert await a.download(NS, sid(1)) == payload(1, half)
+        assert not list((tmp_path / "ns" / str(NS) / "tmp").iterdir())
+
+
+async def test_corrupt_shard_is_never_served(tmp_path: Path,
+                                             table: dict[int, w.NamespaceInfo]) -> None:
+    nonce = Nonces()
+    data = payload(7, 2 * w.BLOCK_SIZE + 100)
+    nsdir = NamespaceDir(tmp_path, NS)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        for n in (1, 2, 3):
+            assert isinstance(await c.upload(NS, sid(n), data, nonce()), w.Stored)
+        # flip one data byte in the second block of shard 1
+        path = nsdir.shard_path(sid(1))
+        raw = bytearray(path.read_bytes())
+        raw[-150] ^= 0x01
+        path.write_bytes(bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(1), w.BLOCK_SIZE, 10))) is w.ErrorCode.CORRUPT
+        assert code(await c.call(w.Verify(NS, sid(1)))) is w.ErrorCode.CORRUPT
+        r = await c.call(w.Get(NS, sid(1), 0, 10))  # an intact block is still served
+        assert isinstance(r, w.Data)
+        assert r.data == data[:10]
+        # a damaged header, and a torn (truncated) file
+        path2 = nsdir.shard_path(sid(2))
+        raw = bytearray(path2.read_bytes())
+        raw[10] ^= 0x80
+        path2.write_bytes(bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(2)))) is w.ErrorCode.CORRUPT
+        path3 = nsdir.shard_path(sid(3))
+        path3.write_bytes(path3.read_bytes()[: HEADER_FIXED + 3 * 32 + w.BLOCK_SIZE + 5])
+        assert code(await c.call(w.Get(NS, sid(3), w.BLOCK_SIZE, 10))) is w.ErrorCode.CORRUPT
+        assert code(await c.call(w.Verify(NS, sid(3)))) is w.ErrorCode.CORRUPT
+        # the owner can replace a corrupt shard
+        assert isinstance(await c.upload(NS, sid(1), data, nonce()), w.Stored)
+        assert await c.download(NS, sid(1)) == data
+
+
+async def test_bad_frames_close_only_their_connection(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+    nonce = Nonces()
+    data = payload(9, 2 * w.MAX_CHUNK + 1)
+    async with running_store(tmp_path, table) as addr, connect(addr) as good:
+        # good has an upload half done while the others misbehave
+        reqs = w.upload_requests(OWNER, CHAIN, NS, sid(1), data, nonce())
+        assert isinstance(await good.call(reqs[0]), w.Accepted)
+        async with connect(addr) as big:
+            await big.send_raw(struct.pack(">I", w.MAX_FRAME + 1) + b"\x00" * 1000)
+            r = await big.response()
+            assert code(r) is w.ErrorCode.TOO_LARGE
+            assert await big.closed()
+        async with connect(addr) as junk:
+            await junk.send_raw(struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1")
+            assert code(await junk.response()) is w.ErrorCode.MALFORMED
+            assert await junk.closed()
+        async with connect(addr) as wrong:
+            await wrong.send_raw(encode_frame({"v": 9, "op": "stat", "ns": NS}))
+            assert code(await wrong.response()) is w.ErrorCode.UNSUPPORTED_VERSION
+            assert await wrong.closed()
+        async with connect(addr) as stray:
+            await stray.send_raw(stray.conn.send(w.Append(NS, sid(1), w.MAX_CHUNK, b"x")))
+            assert code(await stray.response()) is w.ErrorCode.BAD_STATE
+            assert await stray.closed()
+        for req in reqs[1:]:
+            resp = await good.call(req)
+        assert resp == w.Stored(len(data), hash_bytes(data))
+        assert await good.download(NS, sid(1)) == data
+
+
+async def test_idle_connection_is_closed(tmp_path: Path,
+                                         table: dict[int, w.NamespaceInfo]) -> None:
+    async with running_store(tmp_path, table, idle_timeout_s=0.2) as addr, connect(addr) as c:
+        put = w.make_put(OWNER, CHAIN, NS, sid(1), w.MAX_CHUNK + 1, b"q" * w.MAX_CHUNK, 1)
+        assert isinstance(await c.call(put), w.Accepted)
+        assert await c.closed()
+        async with connect(addr) as d:  # the reservation went with it
+            assert await d.call(w.Stat(NS)) == w.StatResult(0, QUOTA, 0)
+
+
+async def test_replay_refused_after_restart(tmp_path: Path,
+                                            table: dict[int, w.NamespaceInfo]) -> None:
+    put = w.make_put(OWNER, CHAIN, NS, sid(1), 3, b"abc", 77)
+    dele = w.make_delete(OWNER, CHAIN, NS, sid(1), 78)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert isinstance(await c.call(put), w.Stored)
+        assert await c.call(dele) == w.Deleted(3)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert code(await c.call(put)) is w.ErrorCode.REPLAY
+        assert code(await c.call(dele)) is w.ErrorCode.REPLAY
+        assert code(await c.call(w.Get(NS, sid(1)))) is w.ErrorCode.NOT_FOUND
+        assert isinstance(await c.call(w.make_put(OWNER, CHAIN, NS, sid(1), 3, b"abc", 79)),
+                          w.Stored)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert await c.call(w.Stat(NS)) == w.StatResult(3, QUOTA, 1)  # usage survives too
+
+
+async def test_namespace_table_changes_take_effect(tmp_path: Path) -> None:
+    table: dict[int, w.NamespaceInfo] = {}
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert code(await c.upload(NS, sid(1), b"a", 1)) is w.ErrorCode.UNKNOWN_NAMESPACE
+        table[NS] = w.NamespaceInfo(OWNER.public_key, 2)
+        assert isinstance(await c.upload(NS, sid(1), b"a", 2), w.Stored)
+        assert code(await c.upload(NS, sid(2), b"bc", 3)) is w.ErrorCode.QUOTA_EXCEEDED
+        table[NS] = w.NamespaceInfo(OWNER.public_key, 3)  # contract updated: bigger quota
+        assert isinstance(await c.upload(NS, sid(2), b"bc", 4), w.Stored)
+        del table[NS]
+        assert code(await c.call(w.Get(NS, sid(1)))) is w.ErrorCode.UNKNOWN_NAMESPACE
+
+
+# -- the child process -----------------------------------------------------------------------
+
+
+class Child:
+    def __init__(self, proc: trio.Process, addr: tuple[str, int]) -> None:
+        self.proc = proc
+        self.addr = addr
+
+
+@asynccontextmanager
+async def child_store(data_dir: Path, ns_file: Path, port: int = 0) -> AsyncIterator[Child]:
+    """``python -m zos_agent.shardstore`` on 127.0.0.1; stopped (by its pid) at exit."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "zos_agent.shardstore", "--data-dir", str(data_dir),
+         "--listen", f"127.0.0.1:{port}", "--namespaces-file", str(ns_file),
+         "--chain-id", CHAIN, "--log-level", "WARNING"],
+        cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(256)
+                if not chunk:
+                    raise RuntimeError(f"shard store exited: {await proc.wait()}")
+                line += chunk
+        text = line.decode().strip()
+        assert text.startswith("listening 127.0.0.1:")
+        yield Child(proc, ("127.0.0.1", int(text.rsplit(":", 1)[1])))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def eventually(ask: Callable[[], Awaitable[w.Response]],
+                     ok: Callable[[w.Response], bool]) -> None:
+    """Poll another process until ``ok`` (it reloads its file on its own schedule)."""
+    with trio.fail_after(10):
+        while True:
+            if ok(await ask()):
+                return
+            await trio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_child_process_serves_and_reloads_namespaces(tmp_path: Path) -> None:
+    ns_file = tmp_path / "namespaces.json"
+    write_namespaces_file(ns_file, {})
+    async with child_store(tmp_path / "data", ns_file) as child, connect(child.addr) as c:
+        assert code(await c.call(w.Stat(NS))) is w.ErrorCode.UNKNOWN_NAMESPACE
+        write_namespaces_file(ns_file, {NS: w.NamespaceInfo(OWNER.public_key, QUOTA)})
+        child.proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: c.call(w.Stat(NS)), lambda r: code(r) is None)
+        data = payload(3, w.MAX_CHUNK + 3)
+        assert isinstance(await c.upload(NS, sid(1), data, 1), w.Stored)
+        assert await c.download(NS, sid(1)) == data
+        # a change of the file alone (no signal) is picked up too
+        write_namespaces_file(ns_file, {})
+        await eventually(lambda: c.call(w.Stat(NS)), lambda r: code(r) is not None)
+    async with child_store(tmp_path / "data", ns_file) as child:
+        assert child.proc.returncode is None
+    assert child.proc.returncode == 0  # SIGTERM is a clean stop
+
+
+@pytest.mark.slow
+async def test_child_process_kill9_during_writes_never_serves_a_torn_shard(
+        tmp_path: Path) -> None:
+    ns_file = tmp_path / "namespaces.json"
+    quota = 1 << 30
+    write_namespaces_file(ns_file, {NS: w.NamespaceInfo(OWNER.public_key, quota)})
+    data_dir = tmp_path / "data"
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    seed = rng.randrange(1 << 30)
+    print(f"kill -9 test seed {seed}")
+    rng = random.Random(seed)
+    sizes: dict[int, int] = {}
+    acked: set[int] = set()
+    nonce = Nonces()
+    for round_ in range(3):
+        async with child_store(data_dir, ns_file) as child:
+            async def writer(c: Client, base: int, child: Child = child) -> None:
+                for i in range(base, base + 1000):
+                    n = i
+                    sizes[n] = rng.choice([10, w.BLOCK_SIZE + 1, w.MAX_CHUNK + 17,
+                                           2 * w.MAX_CHUNK + 5])
+                    if await c.upload(NS, sid(n), payload(n, sizes[n]), nonce()) == \
+                            w.Stored(sizes[n], hash_bytes(payload(n, sizes[n]))):
+                        acked.add(n)
+
+            async with trio.open_nursery() as nursery:
+                for k in range(3):
+                    c = Client(await trio.open_tcp_stream(*child.addr))
+                    nursery.start_soon(_ignore_eof, writer, c, round_ * 10_000 + k * 1000)
+                await trio.sleep(0.3 + rng.random() * 0.7)
+                child.proc.kill()  # SIGKILL by pid, mid-write
+                await child.proc.wait()
+    async with child_store(data_dir, ns_file) as child, connect(child.addr) as c:
+        used = count = 0
+        for n, size in sorted(sizes.items()):
+            got = await c.download(NS, sid(n))
+            if isinstance(got, w.Error):
+                assert got.code is w.ErrorCode.NOT_FOUND, (n, got)
+                assert n not in acked  # an acknowledged write is durable
+                continue
+            assert got == payload(n, size)
+            assert isinstance(await c.call(w.Verify(NS, sid(n))), w.Verified)
+            used += size
+            count += 1
+        assert acked
+        print(f"{len(sizes)} uploads tried, {len(acked)} acknowledged, {count} stored")
+        assert await c.call(w.Stat(NS)) == w.StatResult(used, quota, count)
+        assert not list((data_dir / "ns" / str(NS) / "tmp").iterdir())
+
+
+async def _ignore_eof(fn: Callable[[Client, int], Any], c: Client, base: int) -> None:
+    try:
+        await fn(c, base)
+    except (EOFError, trio.BrokenResourceError, w.ShardProtocolError):
+        pass
+    finally:
+        await trio.aclose_forcefully(c.stream)
