@@ -84,6 +84,7 @@ CODEC_ID = "zfec"
 KEY_SIZE = 32
 TAG_SIZE = 16
 NONCE_SIZE = 12
+HASH_BYTES = HASH_SIZE
 DEFAULT_K = 16
 DEFAULT_N = 20
 DEFAULT_SEGMENT_SIZE = 1 << 20
@@ -636,6 +637,11 @@ class BlockReader:
     def done(self) -> bool:
         return self.next_segment >= self._stop
 
+    @property
+    def requested_to(self) -> int:
+        """Shard offset up to which bytes have been asked for."""
+        return self._requested
+
     def next_range(self, max_len: int) -> tuple[int, int] | None:
         """(offset, length) of the next bytes to fetch (marks them requested), or None."""
         if self._requested >= self._end:
@@ -734,6 +740,9 @@ class Manifest:
 
     def placement(self, index: int) -> Placement:
         return self.shards[index].placement
+
+    def shards_as_placed(self) -> list[tuple[int, Placement]]:
+        return [(s.index, s.placement) for s in self.shards]
 
     def with_placement(self, changes: Mapping[int, Placement], retire: Iterable[tuple[int, Placement]] = ()) -> Manifest:
         """The next revision, with shards moved to new placements and ``retire`` appended."""

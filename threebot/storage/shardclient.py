@@ -1,0 +1,240 @@
+"""The client end of the shard-store protocol over trio streams.
+
+A thin driver of :class:`zos_agent.shardwire.ClientConnection` (the one sans-IO module both
+sides share): requests strictly in turn on one connection, every wait bounded by a timeout,
+every failure mapped to :class:`ShardStoreError` with a stable ``code`` (the store's own
+error code, or ``unreachable``, ``timeout``, ``protocol``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ledger import keys
+from ledger.errors import LocalProtocolError
+from threebot.storage.errors import ShardStoreError
+from zos_agent import shardwire as w
+
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+_RECV = 1 << 16
+_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) -> (host, port). Raises :class:`ShardStoreError`."""
+    m = _ENDPOINT.fullmatch(endpoint or "")
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise ShardStoreError("unreachable", f"no usable endpoint {endpoint!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+async def open_tcp(host: str, port: int) -> trio.abc.Stream:
+    return await trio.open_tcp_stream(host, port)
+
+
+class NonceSource:
+    """Strictly increasing nonces for signed writes, seeded from a microsecond clock (passed
+    in) so that they also increase across client restarts, as the store's replay window wants."""
+
+    def __init__(self, clock_us: Callable[[], int]) -> None:
+        self._clock_us = clock_us
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = w.next_nonce(self._last, self._clock_us())
+        return self._last
+
+
+class ShardConnection:
+    """One connection to a shard store. Use :meth:`open`; close with :meth:`aclose`.
+
+    After any error other than a refusal by the store (``ShardStoreError`` with a shardwire
+    code) the connection is broken and must not be reused.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, endpoint: str, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self._stream = stream
+        self._conn = w.ClientConnection()
+        self._timeout_s = timeout_s
+        self.broken = False
+
+    @classmethod
+    async def open(cls, endpoint: str, connect: Connector, connect_timeout_s: float,
+                   timeout_s: float) -> ShardConnection:
+        """Connect to ``endpoint``; each later request may take ``timeout_s``.
+
+        Raises :class:`ShardStoreError` (``unreachable``/``timeout``).
+        """
+        host, port = parse_endpoint(endpoint)
+        try:
+            with trio.fail_after(connect_timeout_s):
+                stream = await connect(host, port)
+        except trio.TooSlowError:
+            raise ShardStoreError(
+                "timeout", f"{endpoint}: no connection within {connect_timeout_s:g}s") from None
+        except OSError as exc:
+            raise ShardStoreError("unreachable", f"{endpoint}: {exc.strerror or exc}") from None
+        return cls(stream, endpoint, timeout_s)
+
+    async def aclose(self) -> None:
+        self.broken = True
+        await trio.aclose_forcefully(self._stream)
+
+    async def __aenter__(self) -> ShardConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def request(self, req: w.Request) -> w.Response:
+        """Send ``req`` and return the (non-error) answer.
+
+        Raises :class:`ShardStoreError`: the store's code when it refused the request, else
+        ``timeout``, ``unreachable`` or ``protocol`` (the connection is then broken).
+        """
+        if self.broken:
+            raise ShardStoreError("unreachable", f"{self.endpoint}: connection already failed")
+        try:
+            with trio.fail_after(self._timeout_s):
+                await self._stream.send_all(self._conn.send(req))
+                while True:
+                    resp = self._conn.next_response()
+                    if not isinstance(resp, w.NeedData):
+                        break
+                    data = await self._stream.receive_some(_RECV)
+                    if not data:
+                        raise ShardStoreError("unreachable", f"{self.endpoint}: the store closed the connection")
+                    self._conn.receive_data(bytes(data))
+        except ShardStoreError:
+            self.broken = True
+            raise
+        except trio.TooSlowError:
+            self.broken = True
+            raise ShardStoreError("timeout", f"{self.endpoint}: no answer within {self._timeout_s:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.broken = True
+            raise ShardStoreError("unreachable", f"{self.endpoint}: {exc}") from None
+        except w.ShardProtocolError as exc:
+            self.broken = True
+            raise ShardStoreError("protocol", f"{self.endpoint}: {exc}") from None
+        except LocalProtocolError as exc:
+            self.broken = True
+            raise ShardStoreError("protocol", f"{self.endpoint}: {exc}") from None
+        if isinstance(resp, w.Error):
+            if resp.fatal:
+                self.broken = True
+            raise ShardStoreError(resp.code.value, f"{self.endpoint}: {resp.message}")
+        return resp
+
+    async def get_object(self, ns: int, shard_id: bytes, max_size: int) -> bytes:
+        """A whole stored object of at most ``max_size`` bytes, by ranged gets."""
+        out = bytearray()
+        while True:
+            resp = await self.request(w.Get(ns, shard_id, len(out), w.MAX_CHUNK))
+            if not isinstance(resp, w.Data) or resp.offset != len(out):
+                raise self.unexpected("get")
+            if resp.size > max_size:
+                raise ShardStoreError("corrupt", f"{self.endpoint}: object of {resp.size} bytes, "
+                                                 f"at most {max_size} expected")
+            out += resp.data
+            if len(out) >= resp.size or not resp.data:
+                break
+        if len(out) != resp.size:
+            raise self.unexpected("get (short object)")
+        return bytes(out)
+
+    async def get_range(self, ns: int, shard_id: bytes, offset: int, length: int) -> bytes:
+        """``length`` (<= MAX_CHUNK) bytes at ``offset``; fewer only at the object's end."""
+        resp = await self.request(w.Get(ns, shard_id, offset, length))
+        if not isinstance(resp, w.Data) or resp.offset != offset or len(resp.data) > length:
+            raise self.unexpected("get")
+        return resp.data
+
+    async def put_object(self, key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes,
+                         data: bytes, nonce: int) -> None:
+        """Store ``data`` whole (the put signs its hash); replaces an existing object."""
+        reqs = w.upload_requests(key, chain_id, ns, shard_id, data, nonce)
+        for i, req in enumerate(reqs):
+            resp = await self.request(req)
+            want = w.Stored if i == len(reqs) - 1 else w.Accepted
+            if not isinstance(resp, want):
+                raise self.unexpected("put")
+
+    async def delete(self, key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes,
+                     nonce: int) -> bool:
+        """Delete an object; False if it was not there."""
+        try:
+            await self.request(w.make_delete(key, chain_id, ns, shard_id, nonce))
+        except ShardStoreError as exc:
+            if exc.code == w.ErrorCode.NOT_FOUND.value:
+                return False
+            raise
+        return True
+
+    async def verify(self, ns: int, shard_id: bytes) -> w.Verified:
+        resp = await self.request(w.Verify(ns, shard_id))
+        if not isinstance(resp, w.Verified):
+            raise self.unexpected("verify")
+        return resp
+
+    async def stat(self, ns: int) -> w.StatResult:
+        resp = await self.request(w.Stat(ns))
+        if not isinstance(resp, w.StatResult):
+            raise self.unexpected("stat")
+        return resp
+
+    def unexpected(self, what: str) -> ShardStoreError:
+        self.broken = True
+        return ShardStoreError("protocol", f"{self.endpoint}: unexpected answer to {what}")
+
+
+class ShardUpload:
+    """A streaming upload of one ``size``-byte shard on a connection of its own: a signed put
+    carrying the first MAX_CHUNK bytes, then appends. Bytes are buffered up to one frame."""
+
+    def __init__(self, conn: ShardConnection, key: keys.KeyPair, chain_id: str, ns: int,
+                 shard_id: bytes, size: int, nonce: int) -> None:
+        self._conn = conn
+        self._key = key
+        self._chain_id = chain_id
+        self._ns = ns
+        self._sid = shard_id
+        self._size = size
+        self._nonce = nonce
+        self._sent = 0
+        self._buf = bytearray()
+        self.stored: w.Stored | None = None
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data``; sends full frames. Raises :class:`ShardStoreError`."""
+        self._buf += data
+        if self._sent + len(self._buf) > self._size:
+            raise ShardStoreError("protocol", f"shard upload overran its {self._size} bytes")
+        while len(self._buf) >= w.MAX_CHUNK:
+            await self._send(w.MAX_CHUNK)
+        if self._sent + len(self._buf) == self._size and (self._buf or self._sent == 0):
+            await self._send(len(self._buf))
+
+    async def _send(self, n: int) -> None:
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        if self._sent == 0:
+            req: w.Request = w.make_put(self._key, self._chain_id, self._ns, self._sid,
+                                        self._size, chunk, self._nonce)
+        else:
+            req = w.Append(self._ns, self._sid, self._sent, chunk)
+        resp = await self._conn.request(req)
+        self._sent += len(chunk)
+        last = self._sent == self._size
+        if last and isinstance(resp, w.Stored) and resp.size == self._size:
+            self.stored = resp
+        elif last or not isinstance(resp, w.Accepted):
+            raise self._conn.unexpected("upload")
+
+    @property
+    def complete(self) -> bool:
+        return self.stored is not None
