@@ -17,6 +17,7 @@ from ledger.keys import KeyPair
 from ledger.state import TxOutcome
 from ledger.tx import Tx
 from zos_agent.agent import NONCE_STUCK_S, Agent, MemoryFile, TxSender
+from zos_agent.capacity import Capacity
 from zos_agent.config import AgentConfig
 from zos_agent.oci import ContainerSpec
 from zos_agent.reconcile import (
@@ -238,3 +239,25 @@ async def test_reconcile_loop_wakes_for_a_due_restart(
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_capacity_changes_are_re_reported_once(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    client = FakeClient()
+    agent = make_agent(tmp_path, client, FakeFollower({}), FakeRuntime(), [0])
+    agent.registered_capacity = Capacity(4, 1 << 30, 10 << 30)
+    measured = [Capacity(4, 1 << 30, 10 << 30)]
+    agent._capacity = lambda: measured[0]  # type: ignore[method-assign]
+    interval = agent.cfg.capacity_interval_s
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent._capacity_loop)
+        await trio.sleep(interval * 2 + 1)
+        assert client.txs == []  # unchanged: nothing sent
+        measured[0] = Capacity(3, 1 << 30, 10 << 30)  # e.g. a core taken offline
+        await trio.sleep(interval)
+        await trio.sleep(interval * 3)
+        nursery.cancel_scope.cancel()
+    (tx,) = client.txs
+    assert tx.type == "node_update"
+    assert tx.body == {"capacity": {"cores": 3, "memory": 1 << 30, "storage": 10 << 30}}
+    assert agent.registered_capacity == measured[0]
