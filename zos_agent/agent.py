@@ -41,6 +41,7 @@ from ledger.errors import (
     ConflictingHeaders,
     InvalidTx,
     LedgerUnavailable,
+    NotFound,
     TfgridError,
 )
 from ledger.keys import KeyPair
@@ -225,8 +226,9 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Register, then run every loop until cancelled; ``started(node_id)``.
 
-        Raises :class:`ConflictingHeaders` if the validator set forked (nothing can be
-        trusted then), and :class:`ConfigError` if the data dir is unusable.
+        Until the node is registered, failures (ledger unreachable, unknown farm, no funds)
+        are logged and retried with backoff. Raises :class:`ConflictingHeaders` if the
+        validator set forked (nothing can be trusted then).
         """
         self.sender.fee = await self._retrying("read the fee", self._min_fee)
         node_id = await self._retrying("register the node", self.register)
@@ -269,6 +271,9 @@ class Agent:
         cap = self._capacity()
         node_id = await self.follower.node_id()
         if node_id is None:
+            if await self.follower.entry(keyspace.farm(self.cfg.farm_id)) is None:
+                # Checked first so that a wrong farm id does not burn a fee per retry.
+                raise NotFound(f"farm {self.cfg.farm_id} does not exist")
             log.info("registering on farm %d with %s", self.cfg.farm_id, cap)
             await self.sender.submit("node_register", {
                 "farm_id": self.cfg.farm_id, "capacity": cap.to_map(),
