@@ -14,6 +14,7 @@ import click
 import trio
 
 from cli import chain
+from cli.node import node_hint
 from cli.output import emit, json_option, progress, progress_done, table
 from cli.twin import twin_of_key
 from ledger import keyspace
@@ -195,7 +196,11 @@ def cancel(ctx: click.Context, contract_id: int, wait: bool, timeout_s: float) -
                                     {"contract_id": contract_id})
             if not wait:
                 return contract_doc(await read_contract(client, contract_id))
-            return await wait_contract(client, contract_id, timeout_s=timeout_s,
-                                       done=_all_deleted, what="deleted by its node")
+            try:
+                return await wait_contract(client, contract_id, timeout_s=timeout_s,
+                                           done=_all_deleted, what="deleted by its node")
+            except LedgerTimeout as exc:
+                hint = await node_hint(client, genesis, int(entry["node"]))
+                raise LedgerTimeout(f"{exc}{hint}") from None
 
     emit(ctx, chain.run(go), show_human)

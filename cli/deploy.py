@@ -21,12 +21,12 @@ from cli.contract import ContractFailed, contract_doc, failure_reason, wait_cont
 from cli.home import Home
 from cli.image import local_sources
 from cli.manifest import Manifest, NodeChoice, build_deployment, load_manifest
-from cli.node import NodeInfo, grid_nodes, node_info
+from cli.node import NodeInfo, grid_nodes, node_hint, node_info
 from cli.output import emit, human_bytes, json_option
 from cli.twin import twin_of_key
 from ledger import keys, keyspace
 from ledger.client import LedgerClient
-from ledger.errors import NotFound, TfgridError
+from ledger.errors import LedgerTimeout, NotFound, TfgridError
 from ledger.state import sign_deployment
 from ledger.types import Genesis
 from zos_agent.secrets import seal_secret
@@ -118,9 +118,12 @@ async def deploy_manifest(client: LedgerClient, home: Home, key: keys.KeyPair,
     if not wait:
         doc = contract_doc(await chain.read_entry(client, keyspace.contract(cid)) or {})
     else:
-        doc = await wait_contract(
-            client, cid, timeout_s=timeout_s, what="deployed",
-            done=lambda d: d["state"] != "created")
+        try:
+            doc = await wait_contract(
+                client, cid, timeout_s=timeout_s, what="deployed",
+                done=lambda d: d["state"] != "created")
+        except LedgerTimeout as exc:
+            raise LedgerTimeout(f"{exc}{await node_hint(client, genesis, node.id)}") from None
         if doc["state"] != "deployed":
             raise ContractFailed(f"contract {cid} on node {node.id} failed: "
                                  f"{failure_reason(doc)}")

@@ -18,7 +18,7 @@ from cli import chain
 from cli.output import emit, human_age, human_bytes, json_option, pairs, table
 from ledger import keyspace
 from ledger.client import LedgerClient
-from ledger.errors import ConfigError, NotFound
+from ledger.errors import ConfigError, NotFound, TfgridError
 from ledger.state import Params, node_status
 from ledger.types import Genesis
 
@@ -120,6 +120,15 @@ async def node_info(client: LedgerClient, genesis: Genesis, node_id: int) -> Nod
     if entry is None:
         raise NotFound(f"no node {node_id} on the ledger (see `tfgrid node list`)")
     return NodeInfo(entry, node_status(entry, header.time_ms, params.uptime_down_after_ms))
+
+
+async def node_hint(client: LedgerClient, genesis: Genesis, node_id: int) -> str:
+    """A suffix for a timeout message saying the node is down, when the ledger says so."""
+    try:
+        info = await node_info(client, genesis, node_id)
+    except TfgridError:
+        return ""
+    return "" if info.up else f"; node {node_id} is down (no recent uptime report)"
 
 
 def _list_human(rows: list[dict[str, Any]], now_ms: int) -> str:
