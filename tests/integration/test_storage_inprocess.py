@@ -1,0 +1,365 @@
+"""The storage client against real shard stores (zos_agent.shardstore) on loopback TCP, all in
+one trio process; the ledger is an in-memory :class:`Grid` (the ledger side has its own tests).
+
+A node is killed by cancelling its store's task: its port then refuses connections, as a
+dead machine would; it is also reported down, as the ledger would after missed uptime reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from ledger import keys
+from threebot.storage import codec as c
+from threebot.storage.client import Settings, StorageClient
+from threebot.storage.errors import (
+    BadCapability,
+    NotEnoughShards,
+    PlacementError,
+    StorageError,
+)
+from threebot.storage.grid import NamespaceView, NodeView
+from threebot.storage.index import LocalIndex
+from zos_agent import shardstore
+from zos_agent import shardwire as w
+
+CHAIN = "test-chain"
+OWNER = 7
+PARAMS = c.Params(segment_size=4096, leaves_per_page=8)
+
+
+@dataclass
+class FakeNode:
+    view: NodeView
+    data_dir: Path
+    table: dict[int, w.NamespaceInfo] = field(default_factory=dict)
+    endpoint: str = ""
+    scope: trio.CancelScope | None = None
+
+
+class MemoryGrid:
+    """:class:`threebot.storage.grid.Grid` in memory, with a real shard store per node."""
+
+    def __init__(self, owner_key: bytes) -> None:
+        self.owner_key = owner_key
+        self.fake: dict[int, FakeNode] = {}
+        self.contracts: dict[int, NamespaceView] = {}
+        self.next_contract = 100
+        self.created: list[int] = []
+        self.cancelled: list[int] = []
+
+    @property
+    def chain_id(self) -> str:
+        return CHAIN
+
+    async def own_twin(self) -> int:
+        return OWNER
+
+    async def nodes(self) -> list[NodeView]:
+        return [n.view for n in self.fake.values()]
+
+    async def namespaces(self, owner: int, hints: Iterable[int] = ()) -> list[NamespaceView]:
+        views = [await self.namespace(cid) for cid, v in self.contracts.items() if v.owner == owner]
+        return [v for v in views if v is not None]
+
+    async def namespace(self, contract: int) -> NamespaceView | None:
+        v = self.contracts.get(contract)
+        if v is None:
+            return None
+        node = self.fake[v.node]
+        return replace(v, endpoint=node.endpoint)  # a dead node keeps its endpoint: it refuses
+
+    async def create_namespace(self, node: int, quota: int) -> int:
+        cid = self.next_contract
+        self.next_contract += 1
+        self.fake[node].table[cid] = w.NamespaceInfo(self.owner_key, quota)
+        self.contracts[cid] = NamespaceView(cid, node, OWNER, quota, "deployed")
+        self.created.append(cid)
+        return cid
+
+    async def resize_namespace(self, contract: int, quota: int) -> None:
+        v = self.contracts[contract]
+        self.fake[v.node].table[contract] = w.NamespaceInfo(self.owner_key, quota)
+        self.contracts[contract] = replace(v, quota=quota)
+
+    async def cancel_namespace(self, contract: int) -> None:
+        v = self.contracts.pop(contract)
+        del self.fake[v.node].table[contract]
+        self.cancelled.append(contract)
+
+    # -- test controls ---------------------------------------------------------------------
+
+    async def start_node(self, nursery: trio.Nursery, node_id: int) -> None:
+        node = self.fake[node_id]
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+            with scope:
+                await shardstore.serve_shards(node.data_dir, lambda: dict(node.table), CHAIN,
+                                              "127.0.0.1", 0, task_status=task_status)
+
+        host, port = await nursery.start(run)
+        node.scope = scope
+        node.endpoint = f"{host}:{port}"
+        node.view = replace(node.view, up=True)
+
+    def kill(self, node_id: int) -> None:
+        node = self.fake[node_id]
+        assert node.scope is not None
+        node.scope.cancel()
+        node.view = replace(node.view, up=False)
+
+
+async def make_env(tmp: Path, nursery: trio.Nursery, count: int = 26, farms: int = 5,
+                   settings: Settings | None = None) -> tuple[MemoryGrid, StorageClient]:
+    key = keys.KeyPair.from_seed(hashlib.blake2b(b"owner", digest_size=32).digest())
+    grid = MemoryGrid(key.public_key)
+    for i in range(1, count + 1):
+        farm = (i - 1) % farms + 1
+        grid.fake[i] = FakeNode(NodeView(i, farm, f"C{farm}", 100 << 30, False), tmp / f"node{i}")
+        await grid.start_node(nursery, i)
+    rng = random.Random(1)
+    clock = [1_700_000_000_000_000]
+
+    def clock_us() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    client = StorageClient(
+        grid, key, LocalIndex(tmp / "home" / "storage.json"),
+        random_bytes=lambda n: rng.randbytes(n), clock_us=clock_us,
+        settings=settings or Settings(params=PARAMS, window=4, request_timeout_s=5.0,
+                                      connect_timeout_s=2.0, namespace_timeout_s=5.0,
+                                      namespace_poll_s=0.01, min_quota=1 << 20))
+    return grid, client
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[MemoryGrid, StorageClient, Path]]:
+    async with trio.open_nursery() as nursery:
+        grid, client = await make_env(tmp_path, nursery)
+        yield grid, client, tmp_path
+        nursery.cancel_scope.cancel()
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".partial")]
+
+
+async def shard_nodes(client: StorageClient, cap: str) -> list[int]:
+    return [s.placement.node for s in (await client._load_manifest(c.parse_cap(cap))).manifest.shards]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 150_000])
+async def test_put_get_round_trip(env: tuple[MemoryGrid, StorageClient, Path], size: int) -> None:
+    grid, client, tmp = env
+    data = write_file(tmp / "in.bin", size, seed=size)
+    res = await client.put(tmp / "in.bin")
+    assert (res.size, res.k, res.n) == (size, 16, 20)
+    assert len(set(res.nodes)) == 20
+    assert res.cap.startswith("tfs:")
+    assert res.verify_cap.startswith("tfsv:")
+    out = tmp / "out.bin"
+    assert await client.get(res.cap, out) == size
+    assert out.read_bytes() == data
+    assert leftovers(tmp) == []
+    assert [e.cap for e in client.ls()] == [res.cap]
+    doc = res.doc()
+    assert set(doc) >= {"cap", "size", "k", "n", "nodes"}
+
+
+async def test_placement_spreads_and_reuses_namespaces(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "a", 10_000)
+    first = await client.put(tmp / "a")
+    farms = [grid.fake[n].view.farm for n in first.nodes]
+    assert sorted(farms.count(f) for f in set(farms)) == [4, 4, 4, 4, 4]
+    created = len(grid.created)
+    assert created == 20
+    second = await client.put(tmp / "a")
+    assert len(grid.created) == created, "the second put must reuse the namespaces"
+    assert set(second.nodes) == set(first.nodes)
+    assert second.cap != first.cap
+
+
+async def test_four_nodes_lost_read_check_repair(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    data = write_file(tmp / "in.bin", 100_000, seed=3)
+    res = await client.put(tmp / "in.bin")
+    for node in res.nodes[:4]:
+        grid.kill(node)
+    await client.get(res.cap, tmp / "out1")
+    assert (tmp / "out1").read_bytes() == data
+    report = await client.check(res.verify_cap)
+    assert (report.healthy, report.needed, report.total) == (16, 16, 20)
+    assert {s.node for s in report.shards if s.state == "unreachable"} == set(res.nodes[:4])
+    repaired = await client.repair(res.cap)
+    assert len(repaired.moved) == 4
+    assert repaired.revision == 2
+    assert {frm for _, frm, _ in repaired.moved} == set(res.nodes[:4])
+    new_nodes = {to for _, _, to in repaired.moved}
+    assert not new_nodes & set(res.nodes)
+    after = await client.check(res.cap)
+    assert after.healthy == 20
+    assert after.revision == 2
+    # the capability still works after four more of the original nodes die
+    for node in res.nodes[4:8]:
+        grid.kill(node)
+    await client.get(res.cap, tmp / "out2")
+    assert (tmp / "out2").read_bytes() == data
+
+
+async def test_five_nodes_lost_fails_cleanly(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "in.bin", 30_000)
+    res = await client.put(tmp / "in.bin")
+    dead = res.nodes[:5]
+    for node in dead:
+        grid.kill(node)
+    out = tmp / "out.bin"
+    with pytest.raises(NotEnoughShards, match=r"only 15 of the 16 (manifest )?shards needed are reachable \(nodes") as info:
+        await client.get(res.cap, out)
+    assert not out.exists()
+    assert leftovers(tmp) == []
+    assert all(str(n) in str(info.value) for n in dead)
+
+
+async def test_corrupt_shard_is_skipped_then_repaired_in_place(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    data = write_file(tmp / "in.bin", 50_000, seed=5)
+    res = await client.put(tmp / "in.bin")
+    m = (await client._load_manifest(c.parse_cap(res.cap))).manifest
+    si = c.parse_cap(res.cap).keys().storage_index
+    victim = m.shards[2].placement
+    path = shardstore.NamespaceDir(grid.fake[victim.node].data_dir, victim.ns).shard_path(c.shard_id(si, 2))
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    await client.get(res.cap, tmp / "out")
+    assert (tmp / "out").read_bytes() == data
+    report = await client.check(res.cap)
+    states = {s.index: s.state for s in report.shards}
+    assert states[2] == "corrupt"
+    assert report.healthy == 19
+    repaired = await client.repair(res.cap)
+    assert repaired.rewritten == (2,)
+    assert repaired.moved == ()
+    assert (await client.check(res.cap, deep=True)).healthy == 20
+
+
+async def test_rm_deletes_everything_and_cancels_namespaces(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "a", 20_000, seed=1)
+    keep = await client.put(tmp / "a")
+    gone = await client.put(tmp / "a")
+    report = await client.rm(gone.cap)
+    assert report.failed == {}
+    assert report.cancelled == (), "namespaces still used by the other object stay"
+    with pytest.raises(StorageError, match="no manifest"):
+        await client.get(gone.cap, tmp / "x")
+    assert [e.cap for e in client.ls()] == [keep.cap]
+    report = await client.rm(keep.cap)
+    assert len(report.cancelled) == 20
+    assert client.ls() == []
+    leftover = [p for n in grid.fake.values() for p in (n.data_dir).rglob("*")
+                if p.is_file() and "shards" in p.parts]
+    assert leftover == []
+
+
+async def test_no_plaintext_on_any_node(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    text = (b"All happy families are alike; each unhappy family is unhappy in its own way. " * 800)
+    (tmp / "book.txt").write_bytes(text)
+    await client.put(tmp / "book.txt")
+    windows = {text[i:i + 64] for i in range(0, 200)}  # the text repeats with period < 200
+    for node in grid.fake.values():
+        for path in node.data_dir.rglob("*"):
+            if path.is_file():
+                blob = path.read_bytes()
+                assert not any(blob[j:j + 64] in windows for j in range(len(blob) - 63)), path
+
+
+async def test_verify_cap_checks_but_cannot_read(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "a", 5000)
+    res = await client.put(tmp / "a")
+    assert (await client.check(res.verify_cap)).healthy == 20
+    with pytest.raises(BadCapability, match="verify capability"):
+        await client.get(res.verify_cap, tmp / "out")
+    with pytest.raises(BadCapability, match="checksum"):
+        await client.get(res.cap[:-2] + ("aa" if not res.cap.endswith("aa") else "bb"), tmp / "out")
+    assert not (tmp / "out").exists()
+
+
+async def test_wrong_key_finds_nothing(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "a", 5000)
+    await client.put(tmp / "a")
+    stranger = str(c.ReadCap(OWNER, bytes(32)))
+    with pytest.raises(StorageError, match="no manifest"):
+        await client.get(stranger, tmp / "out")
+
+
+async def test_too_few_nodes_is_a_placement_error(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        grid, client = await make_env(tmp_path, nursery, count=19)
+        write_file(tmp_path / "a", 100)
+        with pytest.raises(PlacementError, match="only 19 usable nodes"):
+            await client.put(tmp_path / "a")
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_dying_during_put_is_replaced(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        grid, client = await make_env(tmp_path, nursery)
+        data = write_file(tmp_path / "a", 300_000, seed=9)
+        victim = 3
+        real_connect = client._connector
+        calls = {"n": 0}
+
+        async def flaky(host: str, port: int) -> trio.abc.Stream:
+            if f"{host}:{port}" == grid.fake[victim].endpoint:
+                calls["n"] += 1
+                if calls["n"] > 1:  # the first connection (stat) works, then the node dies
+                    grid.kill(victim)
+            return await real_connect(host, port)
+
+        client._connector = flaky
+        res = await client.put(tmp_path / "a")
+        assert victim not in res.nodes
+        assert calls["n"] > 1, "the victim was placed and died during the upload"
+        assert (await client.check(res.cap)).healthy == 20
+        await client.get(res.cap, tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreadable_input_and_output(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    with pytest.raises(StorageError, match="cannot read"):
+        await client.put(tmp / "missing")
+    write_file(tmp / "a", 10)
+    res = await client.put(tmp / "a")
+    with pytest.raises(StorageError, match="cannot write"):
+        await client.get(res.cap, tmp / "no-such-dir" / "out")
+
+
+def test_sizes_of_test_params() -> None:
+    # the test parameters still give several segments and pages per shard
+    assert PARAMS.segment_count(150_000) == 37
+    assert PARAMS.page_count(150_000) == 5
+    assert os.path.sep == "/"
