@@ -277,12 +277,19 @@ def test_deploy_runs_on_its_node_only_then_cancel_removes_it(grid: Grid) -> None
 
     bundle = grid.home / name / "bundles" / wid
     assert bundle.exists()
+    record = json.loads((grid.home / "devnet.json").read_text())
+    agent_id = next(n["agent_id"] for n in record["nodes"] if n["name"] == name)
+    netns = Path(f"/run/netns/tf-{agent_id}-{wid}")
+    assert netns.exists()
     cancelled = grid.run("contract", "cancel", str(cid), "--json").json()
     assert cancelled["state"] == "cancelled"
     assert [w["state"] for w in cancelled["workloads"]] == ["deleted"]
     assert wid not in runc_ids(grid.runc_root(name))
     assert not bundle.exists()
     assert not log.exists()
+    # nothing of it is left on the node: no volume, no bundle, no log, no network namespace
+    assert list((grid.home / name).rglob(f"*{wid}*")) == []
+    assert not netns.exists()
     assert grid.contract(cid)["state"] == "cancelled"
     # cancelling twice is refused by nobody: the contract simply stays cancelled
     assert grid.run("contract", "cancel", str(cid), "--no-wait", "--json").json()["state"] \
