@@ -36,7 +36,7 @@ FIND_ATTEMPTS = 20
 
 
 class NoCapacity(TfgridError):
-    """No node that is up has room for the deployment."""
+    """No node that is up has room for the deployment, or the node asked for is down."""
 
 
 def _describe(res: dict[str, int]) -> str:
@@ -66,7 +66,13 @@ def image_sources(home: Home, manifest: Manifest) -> dict[str, list[str]]:
 
 async def _choose(client: LedgerClient, genesis: Genesis, manifest: Manifest) -> NodeInfo:
     if manifest.node.mode == "node" and manifest.node.id is not None:
-        return await node_info(client, genesis, manifest.node.id)
+        # The ledger decides whether the node has room; but a contract on a node that is down
+        # would be paid for and not run, so that is refused here.
+        info = await node_info(client, genesis, manifest.node.id)
+        if not info.up:
+            raise NoCapacity(f"node {info.id} is down (no recent uptime report): choose "
+                             "another node, or node: auto")
+        return info
     grid = await grid_nodes(client, genesis)
     return pick_node(grid.nodes, manifest.node, manifest.resources())
 
