@@ -8,7 +8,8 @@ itself holds no listening socket)::
         --namespaces-file F --chain-id C
 
 It prints ``listening HOST:PORT`` on stdout once it accepts connections, re-reads ``F`` when
-the file changes (polled every second) or on SIGHUP, and stops on SIGTERM/SIGINT.
+the file changes (polled every second) or on SIGHUP, and stops on SIGTERM/SIGINT or, with
+``--parent-pid``, when that process (the agent) is gone.
 
 Layout of ``data_dir`` (format version 1)::
 
@@ -736,13 +737,25 @@ class NamespacesWatcher:
                     self.poll()
 
 
+async def _exit_with_parent(parent_pid: int, scope: trio.CancelScope) -> None:
+    # The agent may die by kill -9: the store must not outlive it holding the port that the
+    # agent's next start needs (orphans are re-parented, so the parent pid changes). Nothing
+    # signals a parent's death portably, hence the poll.
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await trio.sleep(RELOAD_POLL_S)
+    log.warning("parent %d is gone: stopping", parent_pid)
+    scope.cancel()
+
+
 async def run_child(data_dir: Path, listen: tuple[str, int], namespaces_file: Path,
-                    chain_id: str) -> None:
+                    chain_id: str, parent_pid: int | None = None) -> None:
     """The body of ``python -m zos_agent.shardstore``."""
     watcher = NamespacesWatcher(namespaces_file)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stops:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watcher.watch)
+            if parent_pid is not None:
+                nursery.start_soon(_exit_with_parent, parent_pid, nursery.cancel_scope)
             host, port = await nursery.start(
                 serve_shards, data_dir, lambda: watcher.table, chain_id, *listen)
             print(f"listening {format_hostport((host, port))}", flush=True)
@@ -759,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--namespaces-file", required=True, type=Path)
     parser.add_argument("--chain-id", required=True)
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the agent) is gone")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args(argv)
@@ -766,11 +781,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s shardstore %(levelname)s %(message)s")
     try:
         listen = parse_hostport(args.listen, what="--listen")
-        trio.run(run_child, args.data_dir, listen, args.namespaces_file, args.chain_id)
-    except ConfigError as exc:
-        print(f"shardstore: {exc}", file=sys.stderr)
+        trio.run(run_child, args.data_dir, listen, args.namespaces_file, args.chain_id,
+                 args.parent_pid)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        error = _config_error(exc)
+        if error is None:
+            raise
+        # One line the agent shows as the namespace workloads' error.
+        print(f"shardstore: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_error(exc: BaseException) -> ConfigError | None:
+    """The configuration error inside ``exc`` (trio wraps task errors in groups)."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _config_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":
