@@ -394,3 +394,47 @@ def test_stop_and_start_one_node(grid: Grid) -> None:
     assert isinstance(node3["pid"], int)
     err = one_line_error(grid.run("devnet", "start", "node-3", ok=False))
     assert "already running" in err
+
+
+def test_node_run_registers_a_node_of_ones_own(grid: Grid) -> None:
+    """`tfgrid node run` in the foreground: prints the key to fund, registers once funded,
+    reports uptime, and exits 0 on SIGTERM. (Last in this module: it adds a fourth node.)"""
+    from cli.devnet_nodes import pick_subnet_indexes, used_subnet_indexes
+    from zos_agent.network import NodeNetwork
+
+    farm = grid.run("farm", "list", "--json").json()[0]
+    agent_id = f"t{os.getpid() % 100000}"
+    subnet = pick_subnet_indexes(1, used_subnet_indexes())[0]
+    env = {k: v for k, v in os.environ.items() if k != "TFGRID_HOME"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    err_log = grid.base / "node-run.err"
+    with open(err_log, "wb") as err:
+        proc = subprocess.Popen(
+            [*_tfgrid_argv(), "--home", str(grid.home), "node", "run", "--farm", str(farm["id"]),
+             "--data-dir", str(grid.base / "own-node"), "--country", "NL", "--city", "Delft",
+             "--agent-id", agent_id, "--subnet-index", str(subnet)],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    try:
+        wait_until(lambda: "node key " in err_log.read_text(), "the node key line")
+        first = next(ln for ln in err_log.read_text().splitlines() if "node key " in ln)
+        address = first.split("node key ")[1].split()[0]
+        assert len(address) == 64
+        grid.run("account", "transfer", address, "100000000")
+
+        def registered() -> bool:
+            nodes = grid.run("node", "list", "--json").json()
+            return any(n["country"] == "NL" and n["status"] == "up" for n in nodes)
+
+        wait_until(registered, "the new node registered and up")
+        mine = next(n for n in grid.run("node", "list", "--json").json() if n["country"] == "NL")
+        assert mine["farm"] == farm["id"]
+        assert grid.run("node", "show", str(mine["id"]), "--json").json()["public_key"] == address
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        trio.run(NodeNetwork(agent_id=agent_id, subnet_index=subnet).teardown)
