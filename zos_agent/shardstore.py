@@ -70,6 +70,7 @@ MAGIC: Final = b"TFSHARD\x01"
 _FIXED = struct.Struct(">8sQII32s32s")  # magic, size, block size, blocks, shard hash, table hash
 HEADER_FIXED: Final = _FIXED.size + HASH_SIZE  # 120
 IDLE_TIMEOUT_S: Final = 60.0
+MAX_CONNECTIONS: Final = 256
 RELOAD_POLL_S: Final = 1.0
 _RECV: Final = 64 * 1024
 
@@ -495,7 +496,10 @@ class ShardStore:
         if info is None:
             self._loaded.pop(ns, None)
             raise _refuse(w.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {ns} on this node")
-        async with self._load_lock:
+        state = self._loaded.get(ns)
+        if state is not None:
+            return state, info
+        async with self._load_lock:  # one scan per namespace, even for concurrent requests
             state = self._loaded.get(ns)
             if state is None:
                 d = NamespaceDir(self.data_dir, ns)
@@ -664,10 +668,12 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
 async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.NamespaceInfo]],
                        chain_id: str, host: str, port: int, *,
                        idle_timeout_s: float = IDLE_TIMEOUT_S,
+                       max_connections: int = MAX_CONNECTIONS,
                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Serve the shard store on ``host:port`` until cancelled; ``started((host, port))``
-    with the bound port (``port`` 0 picks one).
+    with the bound port (``port`` 0 picks one). At most ``max_connections`` at once; a
+    connection silent for ``idle_timeout_s`` (mid-frame or between requests) is closed.
 
     Raises :class:`ConfigError` if the address cannot be bound.
     """
@@ -682,8 +688,21 @@ async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.N
     bound = listeners[0].socket.getsockname()
     log.info("shard store on %s", format_hostport((host, bound[1])))
 
+    slots = trio.Semaphore(max_connections)
+
     async def handler(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, store, idle_timeout_s=idle_timeout_s)
+        # Bounded: past the limit a new connection is closed at once (each one may hold an
+        # upload's temp file and a frame buffer).
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning("refusing a connection: %d open", max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await serve_connection(stream, store, idle_timeout_s=idle_timeout_s)
+        finally:
+            slots.release()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

@@ -27,8 +27,8 @@ more than ~1 MiB, and shards up to :data:`MAX_SHARD_SIZE` fit:
   closes the connection. One upload at a time per connection; open more connections for
   parallel uploads.
 - download: ``get`` with ``offset`` and ``length`` (at most :data:`MAX_CHUNK`); each answer
-  carries the shard's total ``size`` and ``hash``. Reads aligned to :data:`BLOCK_SIZE` touch
-  the fewest stored blocks.
+  carries the shard's total ``size`` and ``hash``; a read past the end returns fewer (or no)
+  bytes. Reads aligned to :data:`BLOCK_SIZE` touch the fewest stored blocks.
 
 Requests (every request also has ``"v": 1``)
 --------------------------------------------

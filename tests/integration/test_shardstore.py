@@ -300,6 +300,27 @@ async def test_idle_connection_is_closed(tmp_path: Path,
             assert await d.call(w.Stat(NS)) == w.StatResult(0, QUOTA, 0)
 
 
+async def test_connections_are_bounded(tmp_path: Path,
+                                       table: dict[int, w.NamespaceInfo]) -> None:
+    async with running_store(tmp_path, table, max_connections=2) as addr, \
+            connect(addr) as a, connect(addr) as b:
+        assert isinstance(await a.call(w.Stat(NS)), w.StatResult)
+        assert isinstance(await b.call(w.Stat(NS)), w.StatResult)
+        async with connect(addr) as extra:
+            assert await extra.closed()
+        await a.stream.aclose()
+        with trio.fail_after(10):
+            while True:  # the freed slot is taken back once the store saw a close
+                async with connect(addr) as again:
+                    try:
+                        if isinstance(await again.call(w.Stat(NS)), w.StatResult):
+                            break
+                    except (EOFError, trio.BrokenResourceError):
+                        pass
+                await trio.sleep(0.01)
+        assert isinstance(await b.call(w.Stat(NS)), w.StatResult)
+
+
 async def test_replay_refused_after_restart(tmp_path: Path,
                                             table: dict[int, w.NamespaceInfo]) -> None:
     put = w.make_put(OWNER, CHAIN, NS, sid(1), 3, b"abc", 77)
