@@ -12,7 +12,13 @@ Rules:
   no room (count or bytes) -> ``mempool_full``. Nothing is ever evicted to make room.
 - After each committed block, :meth:`update` drops the included txs and rechecks the rest
   against the new state in arrival order; a sender's tx that no longer passes is dropped with
-  all of that sender's later ones (they could never be included without it).
+  all of that sender's later ones (they could never be included without it). Only a sender's
+  first pending tx can depend on state beyond the sender's account, so only it gets the full
+  :meth:`LedgerState.check_tx` again; the later ones get what can have changed for them (nonce
+  sequence, balance against the pending spends), their stateless checks having passed at
+  admission.
+- With a :class:`~ledger.tx.VerifiedTxs` shared with block execution, a tx's signature is
+  checked once per validator: here at admission, or by whichever comes first.
 
 Nothing here does I/O or reads a clock; the driver calls it.
 """
@@ -26,7 +32,7 @@ from ledger import keyspace
 from ledger.codec import hash_bytes
 from ledger.errors import InvalidTx, LocalProtocolError
 from ledger.state import LedgerState, max_spend
-from ledger.tx import MAX_TX_SIZE, Tx
+from ledger.tx import MAX_TX_SIZE, Tx, VerifiedTxs, verify_decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +45,13 @@ class _Entry:
 class Mempool:
     """Pending transactions, bounded by count and total bytes."""
 
-    def __init__(self, *, max_txs: int = 10_000, max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, *, max_txs: int = 10_000, max_bytes: int = 32 * 1024 * 1024,
+                 verified: VerifiedTxs | None = None) -> None:
         if max_txs <= 0 or max_bytes <= 0:
             raise LocalProtocolError("mempool bounds must be positive")
         self.max_txs = max_txs
         self.max_bytes = max_bytes
+        self.verified = verified  # shared with block execution; committed txs leave it
         self._txs: dict[bytes, _Entry] = {}  # insertion (arrival) order
         self._by_sender: dict[bytes, dict[int, bytes]] = {}  # sender -> nonce -> hash
         self._spend: dict[bytes, int] = {}  # sender -> max_spend of its pending txs
@@ -86,15 +94,21 @@ class Mempool:
             raise InvalidTx("duplicate", "transaction is already in the mempool")
         if len(self._txs) >= self.max_txs or self._bytes + len(raw) > self.max_bytes:
             raise InvalidTx("mempool_full", "the mempool is full, try again later")
-        tx = Tx.decode(raw)
-        committed = state.next_nonce(tx.sender)
+        known = None if self.verified is None else self.verified.get(tx_hash)
+        tx = Tx.decode(raw) if known is None else known
+        committed, balance = state.nonce_and_balance(tx.sender)
         if tx.nonce < committed and state.get(keyspace.tx_result(tx_hash)) is not None:
             raise InvalidTx("duplicate", "transaction is already committed")
         pending = self._by_sender.get(tx.sender, {})
         if tx.nonce in pending:
             raise InvalidTx("bad_nonce", f"a transaction with nonce {tx.nonce} is already pending")
-        state.check_tx(tx, expected_nonce=committed + len(pending))
-        self._check_spend(tx, state)
+        if self.verified is not None and known is None:
+            # Verified before check_tx's other checks, as check_tx itself would.
+            verify_decoded(tx, chain_id)
+            self.verified.add(tx_hash, tx)
+        state.check_tx(tx, expected_nonce=committed + len(pending),
+                       verify_signature=self.verified is None, encoded_size=len(raw))
+        self._check_spend(tx, balance)
         self._insert(_Entry(raw, tx, tx_hash))
         return tx_hash
 
@@ -122,26 +136,41 @@ class Mempool:
     def update(self, committed: Sequence[bytes], state: LedgerState, chain_id: str) -> None:
         """After a block: drop its txs, then recheck the rest against ``state``."""
         self._check_chain(state, chain_id)
-        for raw in committed:
-            self._remove(hash_bytes(raw))
+        included = [hash_bytes(raw) for raw in committed]
+        for h in included:
+            self._remove(h)
+        if self.verified is not None:
+            self.verified.discard(included)
         old = list(self._txs.values())
         self._txs.clear()
         self._by_sender.clear()
         self._spend.clear()
         self._bytes = 0
         dropped: set[bytes] = set()
+        accounts: dict[bytes, tuple[int, int]] = {}  # sender -> committed nonce, balance
         for e in old:
             sender = e.tx.sender
             if sender in dropped:
                 continue
-            pending = self._by_sender.get(sender, {})
-            committed_nonce = state.next_nonce(sender)
+            account = accounts.get(sender)
+            if account is None:
+                account = accounts[sender] = state.nonce_and_balance(sender)
+            committed_nonce, balance = account
             if e.tx.nonce < committed_nonce:
                 continue  # included by this block or a replacement was: stale
+            expected = committed_nonce + len(self._by_sender.get(sender, {}))
             try:
-                state.check_tx(e.tx, expected_nonce=committed_nonce + len(pending),
-                               verify_signature=False)
-                self._check_spend(e.tx, state)
+                if e.tx.nonce == committed_nonce:
+                    # The sender's next tx: everything again (without the signature), incl.
+                    # executing it against the new state.
+                    state.check_tx(e.tx, expected_nonce=expected, verify_signature=False,
+                                   encoded_size=len(e.raw))
+                elif e.tx.nonce != expected:
+                    raise InvalidTx("bad_nonce", f"nonce {e.tx.nonce} is not the expected "
+                                    f"{expected}")
+                # Later ones passed the stateless checks at admission and check_tx would not
+                # execute them: what is left is the balance, counting the pending spends.
+                self._check_spend(e.tx, balance)
             except InvalidTx:
                 dropped.add(sender)
                 continue
@@ -156,9 +185,8 @@ class Mempool:
                 f"mempool used with chain {chain_id!r} but the state is of "
                 f"{state.genesis.chain_id!r}")
 
-    def _check_spend(self, tx: Tx, state: LedgerState) -> None:
+    def _check_spend(self, tx: Tx, balance: int) -> None:
         total = max_spend(tx) + self._spend.get(tx.sender, 0)
-        balance = state.balance(tx.sender)
         if balance < total:
             raise InvalidTx("insufficient_funds",
                             f"balance {balance} does not cover {total} with the pending txs")

@@ -150,9 +150,9 @@ import msgpack
 
 from ledger import keys, keyspace
 from ledger.codec import HASH_SIZE, hash_bytes, hash_value, pack, signing_bytes, unpack
-from ledger.errors import ConfigError, InvalidTx, MalformedFrame
+from ledger.errors import ConfigError, InvalidTx, LocalProtocolError, MalformedFrame
 from ledger.smt import SMT, Proof
-from ledger.tx import MAX_TX_SIZE, Tx
+from ledger.tx import MAX_TX_SIZE, Tx, VerifiedTxs, decode_verified
 from ledger.types import Genesis
 
 GIB = 1 << 30
@@ -1156,6 +1156,11 @@ class LedgerState:
         a = self.get_entry(keyspace.account(address))
         return 0 if a is None else int(a["balance"])
 
+    def nonce_and_balance(self, address: bytes) -> tuple[int, int]:
+        """:meth:`next_nonce` and :meth:`balance` in one read."""
+        a = self.get_entry(keyspace.account(address))
+        return (0, 0) if a is None else (int(a["nonce"]), int(a["balance"]))
+
     def counters(self) -> dict[str, Any]:
         c = self.get_entry(keyspace.counters())
         if c is None:
@@ -1165,7 +1170,7 @@ class LedgerState:
     # -- admission ------------------------------------------------------------------------
 
     def check_tx(self, tx: Tx, *, expected_nonce: int | None = None,
-                 verify_signature: bool = True) -> None:
+                 verify_signature: bool = True, encoded_size: int | None = None) -> None:
         """Decide whether ``tx`` may enter the mempool. Raises :class:`InvalidTx`.
 
         Checks size, signature (against the genesis chain id), type, fee, body schema, nonce
@@ -1174,9 +1179,11 @@ class LedgerState:
         is the sender's next one in committed state it is also executed against that state
         (so ``name_taken``, ``overbooked``, ``no_twin``... are refused at submission); a tx
         queued behind pending ones could depend on them, so it gets only the stateless checks.
-        ``verify_signature=False`` is for rechecking bytes already verified.
+        ``verify_signature=False`` is for rechecking bytes already verified;
+        ``encoded_size`` is ``len(tx.encode())`` when the caller has the bytes at hand.
         """
-        if len(tx.encode()) > MAX_TX_SIZE:
+        size = len(tx.encode()) if encoded_size is None else encoded_size
+        if size > MAX_TX_SIZE:
             raise InvalidTx("too_large", f"transaction exceeds {MAX_TX_SIZE} bytes")
         if verify_signature:
             tx.verify(self.genesis.chain_id)
@@ -1187,12 +1194,13 @@ class LedgerState:
             raise InvalidTx("fee_too_low", f"fee {tx.fee} is below the minimum {self.params.min_fee}")
         validate, execute = handler
         body = validate(tx, self._env)
-        committed = self.next_nonce(tx.sender)
+        account = self.get_entry(keyspace.account(tx.sender))
+        committed = 0 if account is None else int(account["nonce"])
         want = committed if expected_nonce is None else expected_nonce
         if tx.nonce != want:
             raise InvalidTx("bad_nonce", f"nonce {tx.nonce} is not the expected {want}")
         spend = max_spend(tx)
-        bal = self.balance(tx.sender)
+        bal = 0 if account is None else int(account["balance"])
         if bal < spend:
             raise InvalidTx("insufficient_funds", f"balance {bal} does not cover {spend}")
         if tx.nonce == committed:
@@ -1204,16 +1212,24 @@ class LedgerState:
 
     # -- execution ------------------------------------------------------------------------
 
-    def apply_block(self, height: int, time_ms: int, txs: Sequence[bytes]) -> BlockResult:
+    def apply_block(self, height: int, time_ms: int, txs: Sequence[bytes], *,
+                    verified: VerifiedTxs | None = None) -> BlockResult:
         """Apply one block's txs at ``time_ms``; returns the new state, outcomes and changes.
 
+        ``verified`` memoizes decoding and signature checks by tx hash (shared with the
+        mempool, which checked most txs already); the result is the same with or without it.
         Never raises for a bad tx (it gets an outcome); raises :class:`MalformedFrame` only if
-        this state itself is corrupt.
+        this state itself is corrupt, :class:`LocalProtocolError` if ``verified`` is for
+        another chain.
         """
+        chain_id = self.genesis.chain_id
+        if verified is not None and verified.chain_id != chain_id:
+            raise LocalProtocolError(f"verified txs of chain {verified.chain_id!r} used with "
+                                     f"chain {chain_id!r}")
         ov = _Overlay(self.tree.get)
         ex = _Exec(ov, self._env, height, time_ms)
         _periodic(ex)
-        outcomes = [self._apply_tx(ex, raw) for raw in txs]
+        outcomes = [self._apply_tx(ex, raw, verified) for raw in txs]
         changes: dict[bytes, bytes | None] = {}
         for key, value in ov.encoded().items():
             if self.tree.get(key) != value:
@@ -1221,11 +1237,13 @@ class LedgerState:
         tree = self.tree.update(changes) if changes else self.tree
         return BlockResult(LedgerState(self.genesis, tree, self.params), outcomes, changes)
 
-    def _apply_tx(self, ex: _Exec, raw: bytes) -> TxOutcome:
+    def _apply_tx(self, ex: _Exec, raw: bytes, verified: VerifiedTxs | None) -> TxOutcome:
         tx_hash = hash_bytes(raw)
         try:
-            tx = Tx.decode(raw)
-            tx.verify(self.genesis.chain_id)
+            if verified is None:
+                tx = decode_verified(raw, self.genesis.chain_id)
+            else:
+                tx = verified.decode(raw, tx_hash)
             account = ex.account(tx.sender)
             if tx.nonce != int(account["nonce"]):
                 raise InvalidTx("bad_nonce", f"nonce {tx.nonce} is not the expected "

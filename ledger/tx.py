@@ -120,13 +120,19 @@ def decode_verified(data: bytes, chain_id: str) -> Tx:
     Raises :class:`InvalidTx` (``malformed``, ``too_large``, ``bad_signature``).
     """
     tx = Tx.decode(data)
+    verify_decoded(tx, chain_id)
+    return tx
+
+
+def verify_decoded(tx: Tx, chain_id: str) -> None:
+    """:meth:`Tx.verify` for a tx returned by :meth:`Tx.decode`. Raises :class:`InvalidTx`
+    ``bad_signature``."""
     # A decoded tx is canonical, so msgpack of its fields is exactly Tx.sign_bytes (which
     # would canonicalise the body again first).
     msg = msgpack.packb([DOMAIN_TX, chain_id, [tx.type, tx.sender, tx.nonce, tx.fee, tx.body]],
                         use_bin_type=True)
     if not keys.is_valid(tx.sender, msg, tx.signature):
         raise InvalidTx("bad_signature", "transaction signature does not verify")
-    return tx
 
 
 class VerifiedTxs:
