@@ -358,6 +358,80 @@ async def test_unreadable_input_and_output(env: tuple[MemoryGrid, StorageClient,
         await client.get(res.cap, tmp / "no-such-dir" / "out")
 
 
+async def black_hole(nursery: trio.Nursery) -> str:
+    """A node that accepts connections and never answers."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    await nursery.start(trio.serve_listeners, handler, listeners)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def lying_proxy(nursery: trio.Nursery, upstream: str, target: bytes) -> str:
+    """A node whose store is fine but which flips one bit in the data of shard ``target`` it
+    serves (it would pass the store's own hashes: only the Merkle leaves catch it)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    host, port = upstream.rsplit(":", 1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        server, client = w.ServerConnection(), w.ClientConnection()
+        async with stream, await trio.open_tcp_stream(host, int(port)) as up:
+            while data := await stream.receive_some(1 << 16):
+                server.receive_data(bytes(data))
+                while not isinstance(req := server.next_request(), w.NeedData):
+                    await up.send_all(client.send(req))
+                    while isinstance(resp := client.next_response(), w.NeedData):
+                        client.receive_data(bytes(await up.receive_some(1 << 16)))
+                    if isinstance(req, w.Get) and req.shard_id == target and isinstance(resp, w.Data) and resp.data:
+                        flipped = bytearray(resp.data)
+                        flipped[len(flipped) // 2] ^= 0x04
+                        resp = replace(resp, data=bytes(flipped))
+                    await stream.send_all(server.send(resp))
+
+    await nursery.start(trio.serve_listeners, handler, listeners)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_slow_node_is_skipped(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    data = write_file(tmp / "a", 60_000, seed=11)
+    res = await client.put(tmp / "a")
+    async with trio.open_nursery() as nursery:
+        for node in res.nodes[:3]:
+            grid.fake[node].endpoint = await black_hole(nursery)
+        start = trio.current_time()
+        await client.get(res.cap, tmp / "out")
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert (tmp / "out").read_bytes() == data
+    # well under the 5 s request timeout: the slow nodes were not waited for
+    assert took < client.settings.straggler_s + 2.0
+
+
+async def test_lying_node_is_caught_by_merkle_leaves(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
+    grid, client, tmp = env
+    data = write_file(tmp / "a", 60_000, seed=12)
+    res = await client.put(tmp / "a")
+    cap = c.parse_cap(res.cap)
+    m = (await client._load_manifest(cap)).manifest
+    liar = m.shards[5].placement.node
+    async with trio.open_nursery() as nursery:
+        grid.fake[liar].endpoint = await lying_proxy(
+            nursery, grid.fake[liar].endpoint, c.shard_id(cap.keys().storage_index, 5))
+        await client.get(res.cap, tmp / "out")
+        assert (tmp / "out").read_bytes() == data
+        shallow = await client.check(res.cap)
+        assert shallow.healthy == 20, "the store's own hashes are fine: only a deep check reads blocks"
+        deep = await client.check(res.cap, deep=True)
+        bad = [s for s in deep.shards if s.state != "ok"]
+        assert [(s.index, s.node, s.state) for s in bad] == [(5, liar, "corrupt")]
+        assert "segment" in bad[0].detail
+        assert "does not match its hash" in bad[0].detail
+        nursery.cancel_scope.cancel()
+
+
 def test_sizes_of_test_params() -> None:
     # the test parameters still give several segments and pages per shard
     assert PARAMS.segment_count(150_000) == 37

@@ -86,6 +86,7 @@ class Settings:
     namespace_timeout_s: float = 120.0
     namespace_poll_s: float = 0.5
     min_quota: int = GIB  # a new namespace reserves at least this much
+    straggler_s: float = 2.0  # how long slow nodes get once enough others answered
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -695,26 +696,47 @@ class StorageClient:
         return await self._manifest_from(cap, await self.grid.namespaces(cap.owner))
 
     async def _manifest_from(self, cap: c.Capability, views: Sequence[NamespaceView]) -> c.ManifestRead:
+        """Ask each namespace for its manifest shard. Once ``k`` answered, stragglers get
+        ``straggler_s`` more, so one slow node does not hold a read up for a full timeout."""
         keys_ = cap.keys()
         records: dict[str, bytes] = {}
         failed: dict[str, str] = {}
+        changed = _Changed()
+        pending = len(views)
+        answered: set[str] = set()
 
         async def one(v: NamespaceView) -> None:
+            nonlocal pending
             label = str(v.node)
-            if not v.endpoint:
-                failed[label] = v.error or "namespace has no endpoint"
-                return
             try:
+                if not v.endpoint:
+                    failed[label] = v.error or "namespace has no endpoint"
+                    return
                 async with await self.connect(v.endpoint) as conn:
                     records[label] = await conn.get_object(
                         v.contract, c.manifest_id(keys_.storage_index, v.contract), MANIFEST_MAX)
             except ShardStoreError as exc:
                 if exc.code != w.ErrorCode.NOT_FOUND.value:
                     failed[label] = _reason(exc)
+            finally:
+                pending -= 1
+                answered.add(label)
+                changed.notify()
+
+        async def cut_stragglers(cancel: trio.CancelScope) -> None:
+            while pending and len(records) < c.DEFAULT_K:
+                await changed.wait()
+            with trio.move_on_after(self.settings.straggler_s):
+                while pending:
+                    await changed.wait()
+            cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             for v in views:
                 nursery.start_soon(one, v)
+            nursery.start_soon(cut_stragglers, nursery.cancel_scope)
+        slow = {str(v.node) for v in views} - answered
+        failed.update({label: "too slow" for label in slow})
         try:
             return c.open_manifest(records, keys_)
         except NotEnoughShards as exc:
