@@ -701,6 +701,10 @@ async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.N
             return
         try:
             await serve_connection(stream, store, idle_timeout_s=idle_timeout_s)
+        except Exception:
+            # A bug met by one request must not take every other client's store down: this
+            # connection is closed (serve_connection's finally), the others go on.
+            log.exception("connection handler failed")
         finally:
             slots.release()
 
