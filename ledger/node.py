@@ -61,6 +61,7 @@ from ledger.mempool import Mempool
 from ledger.peer import Connection, SelfConnection, error_code, handshake
 from ledger.state import BlockResult, LedgerState
 from ledger.store import Store
+from ledger.tx import VerifiedTxs
 from ledger.types import Block, Commit, Genesis, Header, Proposal, Vote, merkle_root
 from ledger.wire import encode_frame
 
@@ -149,7 +150,7 @@ class LedgerApp:
         if height != self.height + 1:
             raise InvalidBlock(f"asked to propose height {height}, next is {self.height + 1}")
         txs = self.mempool.reap(self.max_block_txs, self.max_block_bytes)
-        result = self.state.apply_block(height, time_ms, txs)
+        result = self.state.apply_block(height, time_ms, txs, verified=self.mempool.verified)
         header = Header(
             chain_id=self.chain_id,
             height=height,
@@ -182,7 +183,8 @@ class LedgerApp:
         if result is None:
             # A certified block we never validated (catch-up): execute it now. More than 2/3
             # signed this state root, so a mismatch means our state machine diverged.
-            result = self.state.apply_block(h, block.header.time_ms, block.txs)
+            result = self.state.apply_block(h, block.header.time_ms, block.txs,
+                                             verified=self.mempool.verified)
             if result.state.root != block.header.state_root:
                 raise StorageError(
                     f"executing certified block {h} gives state root {result.state.root.hex()}, "
@@ -235,7 +237,8 @@ class LedgerApp:
             lc.verify(self.chain_id, self.validators)
         cached = self._results.get(block.hash())
         if cached is None:
-            cached = self.state.apply_block(hd.height, hd.time_ms, block.txs)
+            cached = self.state.apply_block(hd.height, hd.time_ms, block.txs,
+                                            verified=self.mempool.verified)
         if cached.state.root != hd.state_root:
             raise InvalidBlock("executing the block gives another state root")
         self._results[block.hash()] = cached
@@ -270,7 +273,8 @@ class Node:
         self.validators = genesis.validators
         self.key = key
         self.store = store
-        self.mempool = Mempool()
+        # Signatures are checked once per tx: at admission, or when a block brings it first.
+        self.mempool = Mempool(verified=VerifiedTxs(self.chain_id))
         self.app = LedgerApp(genesis=genesis, key=key, store=store, mempool=self.mempool, cfg=cfg)
         self.core = Consensus(
             chain_id=self.chain_id,
