@@ -324,9 +324,16 @@ class SMT:
 
     def get(self, key: bytes) -> bytes | None:
         path = hash_bytes(_check_bytes(key, "key"))
-        _, leaf = self._find(path)
-        if leaf is not None and leaf.path == path:
-            return leaf.value
+        # _find without collecting siblings, testing bits of the path as one integer: reads
+        # are the ledger's hot path (several per tx at admission and execution).
+        bits = int.from_bytes(path, "big")
+        shift = PATH_BITS - 1
+        node = self._root
+        while type(node) is _Inner:
+            node = node.right if (bits >> shift) & 1 else node.left
+            shift -= 1
+        if node is not None and node.path == path:
+            return node.value
         return None
 
     def __contains__(self, key: object) -> bool:
