@@ -329,7 +329,7 @@ class SMT:
         bits = int.from_bytes(path, "big")
         shift = PATH_BITS - 1
         node = self._root
-        while type(node) is _Inner:
+        while isinstance(node, _Inner):
             node = node.right if (bits >> shift) & 1 else node.left
             shift -= 1
         if node is not None and node.path == path:
