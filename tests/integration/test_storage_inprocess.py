@@ -196,6 +196,23 @@ async def test_placement_spreads_and_reuses_namespaces(env: tuple[MemoryGrid, St
     assert second.cap != first.cap
 
 
+async def test_namespaces_grow_when_short(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        grid, client = await make_env(tmp_path, nursery, settings=Settings(
+            params=PARAMS, window=4, min_quota=1, namespace_poll_s=0.01))
+        write_file(tmp_path / "small", 20_000)
+        first = await client.put(tmp_path / "small")
+        quotas = {cid: v.quota for cid, v in grid.contracts.items()}
+        data = write_file(tmp_path / "big", 200_000, seed=2)
+        second = await client.put(tmp_path / "big")
+        assert set(second.nodes) == set(first.nodes)
+        assert set(grid.contracts) == set(quotas), "grown in place, no second namespace per node"
+        assert all(v.quota > quotas[cid] for cid, v in grid.contracts.items())
+        await client.get(second.cap, tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data
+        nursery.cancel_scope.cancel()
+
+
 async def test_four_nodes_lost_read_check_repair(env: tuple[MemoryGrid, StorageClient, Path]) -> None:
     grid, client, tmp = env
     data = write_file(tmp / "in.bin", 100_000, seed=3)

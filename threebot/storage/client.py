@@ -437,9 +437,11 @@ class StorageClient:
 
         def usable(n: NodeView) -> bool:
             v = mine.get(n.id)
-            if v is not None and v.contract in free:
-                return free[v.contract] >= need or n.free_storage >= need
-            return n.free_storage >= quota_new
+            if v is None:
+                return n.free_storage >= quota_new
+            # Our namespace there answers: use it, grown if short. It does not answer: the
+            # node is not serving it (starting, broken); never open a second one beside it.
+            return v.contract in free and (free[v.contract] >= need or n.free_storage >= need)
 
         candidates = [n for n in nodes.values() if usable(n)]
         chosen = _spread(candidates, count, reuse=set(mine))
