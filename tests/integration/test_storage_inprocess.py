@@ -7,6 +7,7 @@ dead machine would; it is also reported down, as the ledger would after missed u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 from ledger import keys
+from threebot.storage import client as client_module
 from threebot.storage import codec as c
 from threebot.storage.client import Settings, StorageClient
 from threebot.storage.errors import (
@@ -447,6 +449,26 @@ async def test_lying_node_is_caught_by_merkle_leaves(env: tuple[MemoryGrid, Stor
         assert "segment" in bad[0].detail
         assert "does not match its hash" in bad[0].detail
         nursery.cancel_scope.cancel()
+
+
+async def test_disk_full_during_get_leaves_nothing(env: tuple[MemoryGrid, StorageClient, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    grid, client, tmp = env
+    write_file(tmp / "a", 30_000)
+    res = await client.put(tmp / "a")
+    calls = {"n": 0}
+
+    def full(fd: int, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.write(fd, data)
+
+    monkeypatch.setattr(client_module, "_write_all", full)
+    with pytest.raises(StorageError, match="No space left on device"):
+        await client.get(res.cap, tmp / "out")
+    assert not (tmp / "out").exists()
+    assert leftovers(tmp) == []
 
 
 def test_sizes_of_test_params() -> None:

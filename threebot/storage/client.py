@@ -590,7 +590,10 @@ class StorageClient:
 
         def encode(s: int) -> c.EncodedSegment:
             off, length = p.segment_span(size, s)
-            plain = os.pread(fd, length, off) if length else b""
+            try:
+                plain = os.pread(fd, length, off) if length else b""
+            except OSError as exc:
+                raise StorageError(f"reading the file failed: {exc.strerror or exc}") from None
             if len(plain) != length:
                 raise StorageError("the file changed size while it was being stored")
             return c.encode_segment(cipher, coder, s, plain)
@@ -804,7 +807,10 @@ class StorageClient:
                 return c.decode_segment(cipher, coder, p, m.size, s, blocks)
 
             async def write(plain: bytes) -> None:
-                await trio.to_thread.run_sync(_write_all, fd, plain)
+                try:
+                    await trio.to_thread.run_sync(_write_all, fd, plain)
+                except OSError as exc:
+                    raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
             await fetch.each(decode, self.settings.workers, write)
             await trio.to_thread.run_sync(os.fsync, fd)
