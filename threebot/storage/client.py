@@ -18,6 +18,13 @@ when the whole object authenticated.
 Memory is bounded by the window (``window`` segments of blocks), a few segments in the worker
 threads and one frame per connection, whatever the object's size.
 
+Where the manifest lives (why a capability survives repair): manifest shard ``i`` is stored
+in the namespace that holds shard ``i``, under ``manifest_id(storage index, namespace id)``.
+A reader knows the owner twin from the capability, lists that twin's live namespace contracts
+on the ledger (proven reads) and asks each for that one id; repair writes the next revision
+on the new placement, so nothing in the capability names a node. Stale revisions left on
+nodes that were down lose to the newest revision that ``k`` nodes hold.
+
 Who may do what: ``get`` needs the read capability; ``check`` and ``repair`` work with a verify
 capability too (repair moves ciphertext only), but writing shards and manifests needs the
 namespace owner's key, so ``repair`` and ``rm`` must run as the object's owner.
