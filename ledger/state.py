@@ -561,6 +561,7 @@ def _v_contract_result(tx: Tx, env: _Env) -> dict[str, Any]:
 
 
 _ABSENT: Any = object()
+_MAX_READS = 8192  # memoized reads per LedgerState
 
 
 def _copy(value: Any) -> Any:
@@ -1095,13 +1096,16 @@ def _periodic(ex: _Exec) -> None:
 class LedgerState:
     """The immutable ledger state after some block: an SMT of entries plus the genesis."""
 
-    __slots__ = ("genesis", "params", "tree", "_env")
+    __slots__ = ("genesis", "params", "tree", "_env", "_reads")
 
     def __init__(self, genesis: Genesis, tree: SMT, params: Params | None = None) -> None:
         self.genesis = genesis
         self.params = params if params is not None else Params.from_genesis(genesis)
         self.tree = tree
         self._env = _Env(genesis.chain_id, self.params)
+        # Memo of tree reads (the tree is immutable): admitting a tx reads the sender's and
+        # the recipient's accounts and the counters, and so do the sender's next txs.
+        self._reads: dict[bytes, bytes | None] = {}
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
@@ -1138,11 +1142,17 @@ class LedgerState:
         return self.tree.root
 
     def get(self, key: bytes) -> bytes | None:
-        return self.tree.get(key)
+        value = self._reads.get(key, _ABSENT)
+        if value is _ABSENT:
+            value = self.tree.get(key)
+            if len(self._reads) >= _MAX_READS:
+                self._reads.clear()
+            self._reads[key] = value
+        return value  # type: ignore[no-any-return]
 
     def get_entry(self, key: bytes) -> dict[str, Any] | None:
         """The decoded map under ``key``, or None."""
-        raw = self.tree.get(key)
+        raw = self.get(key)
         return None if raw is None else decode_entry(key, raw)
 
     def prove(self, key: bytes) -> Proof:
@@ -1206,7 +1216,7 @@ class LedgerState:
         if tx.nonce == committed:
             c = self.counters()
             now = max(int(c["last_billing_ms"]), int(c["last_minting_ms"]))
-            ex = _Exec(_Overlay(self.tree.get), self._env, 0, now, check_only=True)
+            ex = _Exec(_Overlay(self.get), self._env, 0, now, check_only=True)
             ex.credit(tx.sender, -tx.fee)
             execute(ex, tx, body)
 
@@ -1226,13 +1236,14 @@ class LedgerState:
         if verified is not None and verified.chain_id != chain_id:
             raise LocalProtocolError(f"verified txs of chain {verified.chain_id!r} used with "
                                      f"chain {chain_id!r}")
-        ov = _Overlay(self.tree.get)
+        ov = _Overlay(self.get)
         ex = _Exec(ov, self._env, height, time_ms)
         _periodic(ex)
         outcomes = [self._apply_tx(ex, raw, verified) for raw in txs]
         changes: dict[bytes, bytes | None] = {}
         for key, value in ov.encoded().items():
-            if self.tree.get(key) != value:
+            old = self._reads.get(key, _ABSENT)  # not memoized: mostly new txresult keys
+            if (self.tree.get(key) if old is _ABSENT else old) != value:
                 changes[key] = value
         tree = self.tree.update(changes) if changes else self.tree
         return BlockResult(LedgerState(self.genesis, tree, self.params), outcomes, changes)
