@@ -566,10 +566,11 @@ _MAX_READS = 8192  # memoized reads per LedgerState
 
 def _copy(value: Any) -> Any:
     """Deep copy of a decoded entry (maps, lists and immutable leaves)."""
+    # Only containers recurse: most entries are flat maps of ints and bytes.
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: _copy(v) if isinstance(v, dict | list) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [_copy(v) if isinstance(v, dict | list) else v for v in value]
     return value
 
 
@@ -603,7 +604,7 @@ class _Overlay:
         while ov is not None:
             found = ov.writes.get(key, _ABSENT)
             if found is not _ABSENT:
-                return None if found is None else dict(_copy(found))
+                return None if found is None else _copy(found)
             ov = ov._parent
         raw = self._read(key)
         return None if raw is None else _decode_stored(key, raw)
@@ -1153,7 +1154,9 @@ class LedgerState:
     def get_entry(self, key: bytes) -> dict[str, Any] | None:
         """The decoded map under ``key``, or None."""
         raw = self.get(key)
-        return None if raw is None else decode_entry(key, raw)
+        # Our own entries: decoded as block execution reads them, without the checks that
+        # decode_entry makes on bytes from a peer.
+        return None if raw is None else _decode_stored(key, raw)
 
     def prove(self, key: bytes) -> Proof:
         return self.tree.prove(key)
