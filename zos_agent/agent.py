@@ -52,9 +52,11 @@ from zos_agent.capacity import Capacity, node_capacity
 from zos_agent.config import AgentConfig
 from zos_agent.errors import AgentError
 from zos_agent.follower import Follower
+from zos_agent.namespaces import ShardService, views_namespaces
 from zos_agent.oci import ContainerSpec
 from zos_agent.reconcile import (
     Adopt,
+    ContractView,
     Create,
     Delete,
     Desired,
@@ -63,6 +65,7 @@ from zos_agent.reconcile import (
     ReconcileMemory,
     Report,
     Restart,
+    Result,
     Update,
     parse_workload_id,
     reconcile,
@@ -205,6 +208,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, *, key: KeyPair, genesis: Genesis,
                  client: LedgerClient, follower: Follower, runtime: ContainerRuntime,
+                 shards: ShardService | None = None,
                  clock_ms: Callable[[], int] = wall_ms) -> None:
         self.cfg = cfg
         self.key = key
@@ -212,6 +216,7 @@ class Agent:
         self.client = client
         self.follower = follower
         self.runtime = runtime
+        self.shards = shards  # storage namespaces (None: this node serves no storage)
         self.clock_ms = clock_ms
         self.memory_file = MemoryFile(cfg.data_dir / MEMORY_FILE)
         self.memory = self.memory_file.load()
@@ -238,6 +243,8 @@ class Agent:
             nursery.start_soon(self._capacity_loop)
             nursery.start_soon(self._header_loop)
             nursery.start_soon(self._reconcile_loop)
+            if self.shards is not None:
+                nursery.start_soon(self.shards.run)
             task_status.started(node_id)
 
     async def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -385,8 +392,11 @@ class Agent:
                     for wid, s in states.items()}
         also = self.memory.contract_ids()
         also |= {p[0] for p in map(parse_workload_id, observed) if p is not None}
+        if self.shards is not None:
+            also |= self.shards.on_disk()
         views = await self.follower.views(self.node_id, also)
-        plan = reconcile(views, observed, self.memory, self.clock_ms())
+        ns_results = await self._namespaces(views)
+        plan = reconcile(views, observed, self.memory, self.clock_ms(), ns_results)
         self._remember(plan.memory)
         for action in plan.actions:
             await self._execute(action)
@@ -395,6 +405,16 @@ class Agent:
                   len(views), len(observed), len(plan.actions),
                   (trio.current_time() - started) * 1000)
         return plan
+
+    async def _namespaces(self, views: Mapping[int, ContractView]
+                          ) -> dict[tuple[int, str], Result]:
+        """Serve the storage namespaces the views ask for (wiping cancelled ones before their
+        "deleted" is reported); their results."""
+        wants, keep, gone = views_namespaces(views)
+        if self.shards is None:
+            no = Result("error", "this node serves no storage (no shard_port configured)")
+            return {(w.contract_id, w.name): no for w in wants}
+        return await self.shards.apply(wants, keep=keep, gone=gone)
 
     def _remember(self, memory: ReconcileMemory) -> None:
         self.memory = memory

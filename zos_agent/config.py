@@ -14,6 +14,8 @@ Example ``zos-agent.toml`` (paths are relative to the file's directory)::
     city = "Ghent"
     host_address = "127.0.0.1"    # where published container ports are reachable
     agent_id = "n1"               # names host network objects (bridge tfb<agent_id>)
+    shard_port = 7500             # storage namespaces served on host_address:shard_port
+                                  # (0 or absent: this node serves no storage)
     subnet_index = 1              # this agent's container /24 (devnet: one per agent)
     runc_root = ""                # default <data_dir>/runc
     log_file = ""                 # default: stderr only
@@ -61,6 +63,7 @@ class AgentConfig:
     host_address: str = "127.0.0.1"
     agent_id: str = ""  # default: derived from the node key
     subnet_index: int = 1
+    shard_port: int = 0
     runc_root: Path | None = None
     log_file: Path | None = None
     log_level: str = "INFO"
@@ -96,6 +99,8 @@ def _check(c: AgentConfig) -> None:
         raise ConfigError("city is at most 64 characters")
     if c.agent_id and not _AGENT_ID.fullmatch(c.agent_id):
         raise ConfigError(f"agent_id {c.agent_id!r} must be 1-12 of a-z 0-9 - (starting with a letter or digit)")
+    if not isinstance(c.shard_port, int) or not 0 <= c.shard_port <= 65535:
+        raise ConfigError("shard_port must be in 0..65535 (0: no storage)")
     if not isinstance(c.subnet_index, int) or not 1 <= c.subnet_index <= 254:
         raise ConfigError("subnet_index must be in 1..254")
     if c.log_level not in LOG_LEVELS:
@@ -103,7 +108,7 @@ def _check(c: AgentConfig) -> None:
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {
-    "farm_id": int, "reserve_percent": int, "subnet_index": int,
+    "farm_id": int, "reserve_percent": int, "subnet_index": int, "shard_port": int,
     "uptime_interval_s": (int, float), "capacity_interval_s": (int, float),
     "reconcile_interval_s": (int, float), "request_timeout_s": (int, float),
     "stall_timeout_s": (int, float),

@@ -42,6 +42,7 @@ from ledger.smt import Proof
 from ledger.state import verify_deployment
 from ledger.wire import NEED_DATA, FrameDecoder, encode_frame
 from zos_agent.errors import InvalidSpec
+from zos_agent.namespaces import NamespaceWant, namespace_workload
 from zos_agent.oci import ContainerSpec
 from zos_agent.reconcile import ContractView, Desired, Result, workload_id
 from zos_agent.secrets import SecretError, unseal_secret
@@ -201,12 +202,19 @@ def check_contract(cid: int, entry: Mapping[str, Any], *, chain_id: str, node_id
         return refused_view(cid, entry, f"refused: {exc}")
 
     desired: list[Desired] = []
+    namespaces: list[NamespaceWant] = []
     errors: dict[str, str] = {}
     workloads = dep.get("workloads")
     for w in workloads if isinstance(workloads, list) else []:
         if not isinstance(w, dict) or not isinstance(w.get("name"), str):
             continue
         wname = str(w["name"])
+        if w.get("kind") == "namespace":
+            try:
+                namespaces.append(namespace_workload(cid, w, owner_key))
+            except InvalidSpec as exc:
+                errors[wname] = f"refused: {exc}"
+            continue
         if w.get("kind") != "container":
             errors[wname] = f"workload kind {w.get('kind')!r} is not supported by this node"
             continue
@@ -218,7 +226,8 @@ def check_contract(cid: int, entry: Mapping[str, Any], *, chain_id: str, node_id
         desired.append(Desired(contract_id=cid, version=int(version), name=wname, spec=spec,
                                image_sources=sources))
     return ContractView(contract_id=cid, version=int(version), state=state, names=names,
-                        desired=tuple(desired), errors=errors, results=results)
+                        desired=tuple(desired), errors=errors, results=results,
+                        namespaces=tuple(namespaces))
 
 
 # ---------------------------------------------------------------------------------------------

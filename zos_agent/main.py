@@ -29,6 +29,7 @@ from zos_agent.config import AgentConfig
 from zos_agent.follower import Follower, ProvenReader
 from zos_agent.identity import load_or_create_node_key
 from zos_agent.images import ImageStore
+from zos_agent.namespaces import ShardService
 from zos_agent.network import NodeNetwork
 from zos_agent.runtime import Runtime
 
@@ -57,8 +58,11 @@ async def serve(cfg: AgentConfig, *,
         try:
             await network.setup()
             follower = Follower(reader, chain_id=genesis.chain_id, node_key=key)
+            shards = (ShardService(cfg.data_dir, chain_id=genesis.chain_id,
+                                   host=cfg.host_address, port=cfg.shard_port)
+                      if cfg.shard_port else None)
             agent = Agent(cfg, key=key, genesis=genesis, client=client, follower=follower,
-                          runtime=runtime)
+                          runtime=runtime, shards=shards)
             log.info("agent %s starting: data dir %s, peers %s", cfg.agent_id, cfg.data_dir,
                      ", ".join(f"{h}:{p}" for h, p in cfg.peers))
             async with trio.open_nursery() as nursery:

@@ -52,11 +52,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ledger.codec import hash_value
 from ledger.errors import ConfigError
 from zos_agent.oci import ContainerSpec
+
+if TYPE_CHECKING:  # namespaces imports this module at run time
+    from zos_agent.namespaces import NamespaceWant
 
 BACKOFF_BASE_MS = 1_000
 BACKOFF_MAX_MS = 300_000
@@ -151,6 +154,7 @@ class ContractView:
     errors: Mapping[str, str] = field(default_factory=dict)
     results: Mapping[str, Result] = field(default_factory=dict)
     hold: bool = False
+    namespaces: tuple[NamespaceWant, ...] = ()  # its storage namespace workloads
 
     @property
     def live(self) -> bool:
@@ -363,8 +367,15 @@ def _crash_loop(m: WorkloadMemory, endpoint: str) -> Result:
 
 
 def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Observed],
-              memory: ReconcileMemory, now_ms: int) -> Plan:
-    """Decide the actions that bring this node to what the ledger wants (module docstring)."""
+              memory: ReconcileMemory, now_ms: int,
+              namespace_results: Mapping[tuple[int, str], Result] | None = None) -> Plan:
+    """Decide the actions that bring this node to what the ledger wants (module docstring).
+
+    ``namespace_results``: the result of each storage namespace workload, keyed by (contract
+    id, name), from :meth:`zos_agent.namespaces.ShardService.apply` (served outside the
+    runtime; only reported here).
+    """
+    ns_results = namespace_results or {}
     actions: list[Action] = []
     wake: list[int] = []
     mem: dict[str, WorkloadMemory] = dict(memory.workloads)
@@ -458,6 +469,8 @@ def reconcile(contracts: Mapping[int, ContractView], observed: Mapping[str, Obse
                 want[name] = Result("error", c.errors[name])
             elif wid in results:
                 want[name] = results[wid]
+            elif (cid, name) in ns_results:
+                want[name] = ns_results[(cid, name)]
         changed = tuple((n, r) for n, r in sorted(want.items()) if c.results.get(n) != r)
         if not changed:
             continue

@@ -119,11 +119,15 @@ def test_bad_workloads_are_refused_one_by_one(case: str, over: dict[str, Any],
     assert reason in v.errors["bad"], case
 
 
-def test_namespace_workloads_are_reported_unsupported() -> None:
+def test_namespace_workloads_are_served_not_run() -> None:
     ns = {"name": "ns", "kind": "namespace", "cpu": 0, "memory": 0, "disk": 1 << 30}
     v = check(entry([ns]))
     assert v.desired == ()
-    assert "not supported" in v.errors["ns"]
+    assert v.errors == {}
+    assert [(n.name, n.quota) for n in v.namespaces] == [("ns", 1 << 30)]
+    bad = check(entry([{**ns, "memory": 1}]))
+    assert bad.namespaces == ()
+    assert "memory must be 0" in bad.errors["ns"]
 
 
 def test_a_cancelled_contract_is_not_verified_only_removed() -> None:
