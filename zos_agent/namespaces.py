@@ -314,13 +314,8 @@ def views_namespaces(views: Mapping[int, ContractView]
     """``(wants, keep, gone)`` for :meth:`ShardService.apply` from the follower's contract
     views: the namespaces of live contracts, the held contracts (unreadable right now: keep
     serving what they had), the cancelled or vanished ones (wipe).
-
-    Reads ``ContractView.namespaces`` (a tuple of :class:`NamespaceWant` the follower fills
-    for ``kind: namespace`` workloads); a view without it has no namespaces.
     """
-    wants: list[NamespaceWant] = [
-        n for v in views.values() if v.live and not v.hold
-        for n in getattr(v, "namespaces", ())]
+    wants = [n for v in views.values() if v.live and not v.hold for n in v.namespaces]
     keep = {cid for cid, v in views.items() if v.hold}
     gone = {cid for cid, v in views.items() if v.state in GONE_STATES and not v.hold}
     return wants, keep, gone

@@ -31,14 +31,11 @@ from tests.integration.agentkit import (
 from tests.integration.test_shardstore import code, connect, payload, sid
 from zos_agent import shardwire as w
 from zos_agent.identity import load_or_create_node_key
-from zos_agent.reconcile import ContractView
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runc") is None,
                        reason="the agent needs root and runc"),
-    pytest.mark.skipif("namespaces" not in ContractView.__dataclass_fields__,
-                       reason="the agent does not serve namespace workloads yet"),
 ]
 
 RICH = 10**15
