@@ -1,14 +1,19 @@
 """Content-addressed rootfs images.
 
 An image is a tar of a root filesystem, named by the SHA-256 of the tar bytes
-(``sha256:<hex>``) and fetchable from one or more sources: a local path, a ``file://`` URL or
-an ``http(s)://`` URL. :class:`ImageStore` fetches the first source that yields bytes with the
+(``sha256:<hex>``) and fetchable from one or more sources: a local path, a ``file://`` URL, an
+``http(s)://`` URL or a grid-storage read capability (``tfs:...``). :class:`ImageStore` fetches the first source that yields bytes with the
 right digest, refuses unsafe members (paths escaping the rootfs, device nodes), unpacks once per
 digest into ``<cache>/rootfs/<hex>`` (unpacked beside it, then renamed into place, so a crash
 never leaves a half-unpacked rootfs that looks complete) and returns that directory.
 
 :func:`push_image` turns a directory or tar into a published blob, :func:`build_busybox_rootfs`
 makes the tiny demo image from Debian's busybox-static.
+
+``tfs:`` sources are read by a child process, ``python -m threebot.storage.fetch`` (given the
+agent's ledger peers and genesis as a :class:`GridSource`), because the agent must not import
+the 3Bot's storage client (design §1). The child writes the object to a file; the digest is
+then checked here exactly as for any other source, so the child is trusted with nothing.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +49,19 @@ MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "data", "etc", "run")
 MOUNT_FILES = ("etc/resolv.conf", "etc/hosts", "etc/hostname")
 
 
+GRID_SCHEME = "tfs:"
+
+
+@dataclass(frozen=True, slots=True)
+class GridSource:
+    """How to read ``tfs:`` sources: the ledger peers and genesis file of the agent, and the
+    interpreter that runs the fetch child (this one by default)."""
+
+    peers: tuple[tuple[str, int], ...]
+    genesis: Path
+    python: str = sys.executable
+
+
 def parse_image(image: str) -> str:
     """The hex digest of ``sha256:<hex>``. Raises :class:`ImageError` if malformed."""
     m = _IMAGE.match(image)
@@ -53,9 +73,11 @@ def parse_image(image: str) -> str:
 class ImageStore:
     """A per-agent cache of unpacked images, keyed by digest."""
 
-    def __init__(self, cache_dir: Path, *, max_image_size: int = DEFAULT_MAX_IMAGE_SIZE) -> None:
+    def __init__(self, cache_dir: Path, *, max_image_size: int = DEFAULT_MAX_IMAGE_SIZE,
+                 grid: GridSource | None = None) -> None:
         self.cache_dir = cache_dir
         self.max_image_size = max_image_size
+        self.grid = grid
         self._rootfs_dir = cache_dir / "rootfs"
         self._tmp_dir = cache_dir / "tmp"
         self._locks: dict[str, trio.Lock] = {}
@@ -106,7 +128,10 @@ class ImageStore:
         work = Path(tempfile.mkdtemp(prefix=f"{hexdigest[:12]}-", dir=self._tmp_dir))
         try:
             blob = work / "image.tar"
-            got = _fetch(source, blob, self.max_image_size)
+            if source.startswith(GRID_SCHEME):
+                got = _fetch_grid(self.grid, source, blob, self.max_image_size)
+            else:
+                got = _fetch(source, blob, self.max_image_size)
             if got != hexdigest:
                 raise ImageError(f"digest mismatch: got sha256:{got}")
             root = work / "rootfs"
@@ -146,6 +171,38 @@ def _fetch(source: str, dest: Path, max_size: int) -> str:
         raise
     except (OSError, ValueError) as exc:  # urllib errors are OSErrors
         raise ImageError(f"fetch failed: {exc}") from exc
+    return h.hexdigest()
+
+
+def _fetch_grid(grid: GridSource | None, cap: str, dest: Path, max_size: int) -> str:
+    """Read grid-storage object ``cap`` into ``dest`` through the fetch child; return the
+    sha256 hex of its bytes. Raises ImageError with the child's one-line reason."""
+    if grid is None:
+        raise ImageError("a grid-storage source, but this agent has no ledger to read it with")
+    argv = [grid.python, "-m", "threebot.storage.fetch",
+            "--peers", ",".join(f"{h}:{p}" for h, p in grid.peers),
+            "--genesis", str(grid.genesis), "-", str(dest)]
+    try:
+        # The capability goes through stdin, not argv: other local users can read argv.
+        done = subprocess.run(argv, input=cap.encode() + b"\n", capture_output=True,
+                              timeout=FETCH_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"grid fetch timed out after {FETCH_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise ImageError(f"cannot run the grid fetch: {exc}") from exc
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[-1].removeprefix("error: ") if lines else f"exit status {done.returncode}"
+        raise ImageError(f"grid fetch failed: {why}")
+    try:
+        if dest.stat().st_size > max_size:
+            raise ImageError(f"larger than the {max_size} byte limit")
+        h = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError as exc:
+        raise ImageError(f"grid fetch wrote no readable file: {exc}") from exc
     return h.hexdigest()
 
 
@@ -326,7 +383,6 @@ def build_busybox_rootfs(dest: Path, *, busybox: Path = BUSYBOX) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m zos_agent.images build-busybox DEST`` / ``push SRC DEST_DIR``."""
     import json
-    import sys
 
     args = sys.argv[1:] if argv is None else argv
     try:

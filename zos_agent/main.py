@@ -28,7 +28,7 @@ from zos_agent.agent import Agent
 from zos_agent.config import AgentConfig
 from zos_agent.follower import Follower, ProvenReader
 from zos_agent.identity import load_or_create_node_key
-from zos_agent.images import ImageStore
+from zos_agent.images import GridSource, ImageStore
 from zos_agent.namespaces import ShardService
 from zos_agent.network import NodeNetwork
 from zos_agent.runtime import Runtime
@@ -51,7 +51,9 @@ async def serve(cfg: AgentConfig, *,
     network = NodeNetwork(agent_id=cfg.agent_id, subnet_index=cfg.subnet_index,
                           host_address=cfg.host_address)
     runtime = Runtime(runc_root=cfg.runc_root_dir, data_dir=cfg.data_dir,
-                      images=ImageStore(cfg.data_dir / "images"), network=network)
+                      images=ImageStore(cfg.data_dir / "images",
+                                       grid=GridSource(tuple(cfg.peers), cfg.genesis)),
+                      network=network)
     async with LedgerClient(genesis, cfg.peers, timeout_s=cfg.request_timeout_s,
                             stall_timeout_s=cfg.stall_timeout_s) as client:
         reader = ProvenReader(client, cfg.peers, timeout_s=cfg.request_timeout_s)

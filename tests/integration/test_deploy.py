@@ -148,12 +148,12 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
         assert all(n["alive"] and n["status"] == "up" for n in up["nodes"])
         tfgrid(home, "twin", "register", "deployer")
         rootfs = build_busybox_rootfs(base / "busybox")
-        pushed = tfgrid(home, "image", "push", str(rootfs), "--json").json()
+        pushed = tfgrid(home, "image", "push", str(rootfs), "--local", "--json").json()
         assert set(pushed) == {"image", "sources"}
         assert pushed["image"].startswith("sha256:")
         assert all(s.startswith("file://") for s in pushed["sources"])
         # pushing the same tree again gives the same content address
-        again = tfgrid(home, "image", "push", str(rootfs), "--json").json()
+        again = tfgrid(home, "image", "push", str(rootfs), "--local", "--json").json()
         assert again["image"] == pushed["image"]
         yield Grid(home, base, pushed["image"])
     finally:
