@@ -459,6 +459,7 @@ def _status_doc(net: Devnet, genesis: Genesis) -> dict[str, Any]:
              "pid": None if n.proc is None else n.proc.pid,
              "alive": n.name in alive_nodes,
              "data_dir": str(dn.data_dir(net.root, n)),
+             "shard_port": n.shard_port,
              "farm": net.farm(n.farm).farm_id,
              "country": net.farm(n.farm).country,
              "status": views[n.name].status if n.name in views else None}

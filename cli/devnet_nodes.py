@@ -15,12 +15,19 @@ stays honest about what one machine can hold.
 Agents are named by network objects after their agent id (``<chain suffix>-nK``), and each gets
 its own container subnet index, chosen among those no other bridge on this machine uses: two
 devnets on one machine never touch each other's bridges, rules, runc roots or cgroups.
+
+Each node also gets its own ``shard_port`` (its shard store serves storage namespaces on
+127.0.0.1:port), recorded in devnet.json so a restarted agent serves at the same endpoint.
+The ports are taken below the kernel's ephemeral range, so the outgoing connections of a busy
+devnet never take the port of a stopped node's store.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import random
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +87,12 @@ class DevnetNode:
     agent_id: str
     subnet_index: int
     proc: ProcessRecord | None  # None while stopped
+    shard_port: int = 0  # 0: serves no storage (devnets recorded before shard ports)
 
     def to_doc(self) -> dict[str, Any]:
         return {"name": self.name, "farm": self.farm, "public_key": self.public_key,
                 "agent_id": self.agent_id, "subnet_index": self.subnet_index,
+                "shard_port": self.shard_port,
                 "process": None if self.proc is None else self.proc.to_doc()}
 
     @classmethod
@@ -91,7 +100,8 @@ class DevnetNode:
         p = d["process"]
         return cls(str(d["name"]), str(d["farm"]), str(d["public_key"]), str(d["agent_id"]),
                    int(d["subnet_index"]),
-                   None if p is None else ProcessRecord(int(p["pid"]), int(p["started"])))
+                   None if p is None else ProcessRecord(int(p["pid"]), int(p["started"])),
+                   int(d.get("shard_port", 0)))
 
 
 def data_dir(root: Path, node: DevnetNode) -> Path:
@@ -146,6 +156,43 @@ def pick_subnet_indexes(count: int, taken: set[int]) -> list[int]:
     return free[:count]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_shard_ports(count: int, *, host: str = "127.0.0.1",
+                     rng: random.Random | None = None) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, outside the ephemeral range (outgoing
+    connections never take them), starting at a random place so that two devnets made at
+    the same time rarely try the same ones. Raises TfgridError if too few are free."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10_000, 65_536) if not low <= p <= high]
+    start = (rng or random.Random()).randrange(len(candidates))
+    out: list[int] = []
+    for p in candidates[start:] + candidates[:start]:
+        if len(out) == count:
+            break
+        if _bindable(host, p):
+            out.append(p)
+    if len(out) < count:
+        raise TfgridError(f"only {len(out)} free ports for shard stores on {host}, "
+                          f"{count} nodes need one each")
+    return out
+
+
 def create_node_keys(root: Path, names: list[str]) -> list[bytes]:
     """Create each node's data directory and key; their public keys in order."""
     return [load_or_create_node_key(root / name).public_key for name in names]
@@ -153,10 +200,12 @@ def create_node_keys(root: Path, names: list[str]) -> list[bytes]:
 
 def plan_nodes(names: list[str], farms: list[DevnetFarm], public_keys: list[bytes],
                chain_suffix: str, taken_subnets: set[int]) -> list[DevnetNode]:
-    """Nodes spread round-robin over the farms, each with its agent id and subnet index."""
+    """Nodes spread round-robin over the farms, each with its agent id, subnet index and
+    shard port."""
     subnets = pick_subnet_indexes(len(names), taken_subnets)
+    ports = pick_shard_ports(len(names))
     return [DevnetNode(name, farms[k % len(farms)].name, public_keys[k].hex(),
-                       f"{chain_suffix}-n{k + 1}", subnets[k], None)
+                       f"{chain_suffix}-n{k + 1}", subnets[k], None, ports[k])
             for k, name in enumerate(names)]
 
 
@@ -192,6 +241,7 @@ def write_agent_config(root: Path, node: DevnetNode, *, farm_id: int, country: s
         "city": city,
         "agent_id": node.agent_id,
         "subnet_index": node.subnet_index,
+        "shard_port": node.shard_port,
         "host_address": "127.0.0.1",
         "uptime_interval_s": UPTIME_INTERVAL_S,
         "reconcile_interval_s": RECONCILE_INTERVAL_S,
