@@ -24,6 +24,7 @@ from cli import (
     image,
     ledger_cmd,
     node,
+    storage,
     twin,
 )
 from cli.output import Settings
@@ -51,7 +52,7 @@ def cli(ctx: click.Context, home: Path, as_json: bool, debug: bool) -> None:
 
 for _group in (ledger_cmd.ledger, context.context, identity.identity, account.account,
                twin.twin, farm.farm, node.node, deploy.deploy, contract.contract,
-               image.image, capacity.capacity, devnet.devnet):
+               image.image, capacity.capacity, devnet.devnet, storage.storage):
     cli.add_command(_group)
 
 
