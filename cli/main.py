@@ -14,6 +14,7 @@ import click
 
 from cli import (
     account,
+    bot,
     capacity,
     context,
     contract,
@@ -52,7 +53,8 @@ def cli(ctx: click.Context, home: Path, as_json: bool, debug: bool) -> None:
 
 for _group in (ledger_cmd.ledger, context.context, identity.identity, account.account,
                twin.twin, farm.farm, node.node, deploy.deploy, contract.contract,
-               image.image, capacity.capacity, devnet.devnet, storage.storage):
+               image.image, capacity.capacity, devnet.devnet, storage.storage,
+               bot.bot):
     cli.add_command(_group)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -191,6 +192,15 @@ async def test_image_push_into_grid_storage_and_fetch_from_tfs(
             other_cap = (await storage.put(other)).cap
         with pytest.raises(ImageError, match="digest mismatch"):
             await store2.ensure(image, [other_cap])
+
+        # The 3Bot daemon watches the pushed image like any stored object.
+        ran = await trio.run_process(
+            [sys.executable, "-m", "cli.main", "--home", str(grid.home.root), "--json",
+             "bot", "run", "--once"], capture_stdout=True, capture_stderr=True, check=False)
+        assert ran.returncode == 0, ran.stderr
+        events = [json.loads(line) for line in ran.stdout.decode().splitlines()]
+        assert [(e["name"], e["outcome"], e["healthy"]) for e in events] == [
+            (f"image {image}", "ok", 20), ("other.tar", "ok", 20)]
 
 
 async def test_bad_tfs_sources_fail_with_clear_errors(grid: LedgerStorage, tmp_path: Path) -> None:
