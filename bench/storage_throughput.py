@@ -1,0 +1,353 @@
+"""Grid storage throughput on a devnet: put, get, degraded get, repair; client and store memory.
+
+Starts ``tfgrid devnet up --nodes 20 --farms 5`` (4 validators, 20 real node agents, each
+serving its namespaces through its own shard-store child process), registers the devnet
+identity's twin, and measures, each client operation in a child process of its own (so its
+peak RSS is its own, read from ``getrusage`` in the child):
+
+- put of a ``--size`` MiB random file (default 256) and get of it back (sha256 compared);
+- degraded get with 4 of the 20 nodes stopped (``tfgrid devnet stop``);
+- repair of a ``--repair-size`` MiB object (default 64) after 4 of its shards were lost
+  (shard, hash pages and manifest copy deleted on 4 nodes, as a wiped disk would): regenerated
+  in place. Moving shards to new nodes would need spare nodes (this is a 20-node grid);
+- peak RSS (VmHWM) of every node's shard store after all of the above.
+
+Measured against, in the same run on the same data: the raw pipeline (read + encrypt + zfec
+encode + leaf hashes + hash pages, the client's codec functions, no I/O to nodes) in this
+process, with one thread and with as many worker threads as the client uses. MB is 10^6 bytes.
+
+The figures for Tahoe-LAFS that the goals refer to are quoted, not measured (Tahoe is not
+installed here): 21-33 MB/s up, 8 MB/s down over HTTP and 19 over Foolscap, 64 MiB repaired
+in about 9 s after losing 4 nodes, about 100 MiB RSS per storage node.
+
+    sudo .venv/bin/python bench/storage_throughput.py [--size 256] [--repair-size 64] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MIB = 1 << 20
+MB = 1_000_000
+LOST = 4
+TAHOE_UP_MBS = 33.0
+TAHOE_DOWN_MBS = 19.0
+TAHOE_REPAIR_S = 9.0
+TAHOE_NODE_MIB = 100.0
+
+
+# -- child: one client operation -----------------------------------------------------------------
+
+
+def child(op: str, home_dir: str, args: list[str]) -> None:
+    """Run one storage operation as the devnet identity; print one JSON line with the time
+    it took (the operation only, not the interpreter start) and this process's peak RSS."""
+    import trio
+
+    from cli.gridstore import open_storage
+    from cli.home import Home
+    from threebot.storage import codec as c
+
+    home = Home(Path(home_dir))
+    out: dict[str, Any] = {}
+
+    async def run() -> None:
+        async with open_storage(home) as storage:
+            t0 = time.perf_counter()
+            if op == "put":
+                res = await storage.put(Path(args[0]), name=Path(args[0]).name)
+                out["cap"] = res.cap
+            elif op == "get":
+                out["size"] = await storage.get(args[0], Path(args[1]))
+            elif op == "check":
+                report = await storage.check(args[0])
+                out["healthy"] = report.healthy
+            elif op == "repair":
+                rep = await storage.repair(args[0])
+                out["healthy_before"] = rep.before.healthy
+                out["healthy"] = rep.healthy
+                out["rewritten"] = list(rep.rewritten)
+                out["moved"] = [list(m) for m in rep.moved]
+            elif op == "lose":
+                # A wiped disk, for this object, on the nodes of shards 0..LOST-1: the shard,
+                # its hash pages and the manifest copy there. The placement is in the manifest,
+                # which only the client module reads (hence the private call).
+                cap = c.parse_cap(args[0])
+                keys_ = cap.keys()
+                m = (await storage._load_manifest(cap)).manifest
+                si = keys_.storage_index
+                for i in range(LOST):
+                    pl = m.placement(i)
+                    ids = [c.shard_id(si, i), c.manifest_id(si, pl.ns)]
+                    ids += [c.page_id(si, i, p) for p in range(m.params.page_count(m.size))]
+                    async with await storage.connect(pl.endpoint) as conn:
+                        for rid in ids:
+                            await conn.delete(storage.key, storage.grid.chain_id, pl.ns, rid,
+                                              storage._nonces.next())
+            else:
+                raise SystemExit(f"unknown op {op}")
+            out["seconds"] = time.perf_counter() - t0
+
+    trio.run(run)
+    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out), flush=True)
+
+
+def run_child(op: str, home: Path, *args: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", op, str(home), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"client {op} failed: {proc.stderr.strip()[-2000:]}")
+    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return doc
+
+
+# -- the raw pipeline ------------------------------------------------------------------------------
+
+
+def raw_pipeline(path: Path, workers: int) -> float:
+    """Seconds to read, encrypt, zfec-encode and hash ``path`` with the client's codec, with
+    ``workers`` threads coding segments (hash pages made in order, as the client does)."""
+    from threebot.storage import codec as c
+
+    p = c.Params()
+    size = path.stat().st_size
+    count = p.segment_count(size)
+    cipher = c.SegmentCipher(os.urandom(c.KEY_SIZE), count)
+    coder = c.ErasureCoder(p.k, p.n)
+    hasher = c.ShardHasher(p, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def encode(s: int) -> c.EncodedSegment:
+            off, length = p.segment_span(size, s)
+            return c.encode_segment(cipher, coder, s, os.pread(fd, length, off))
+
+        t0 = time.perf_counter()
+        if workers == 1:
+            for s in range(count):
+                hasher.add(encode(s))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                # map() would submit every segment at once; keep a bounded window instead.
+                pending = [pool.submit(encode, s) for s in range(min(count, 2 * workers))]
+                nxt = len(pending)
+                while pending:
+                    seg = pending.pop(0).result()
+                    if nxt < count:
+                        pending.append(pool.submit(encode, nxt))
+                        nxt += 1
+                    hasher.add(seg)
+        hasher.page_roots()
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+# -- the devnet ------------------------------------------------------------------------------------
+
+
+def tfgrid(home: Path, *args: str, timeout: float = 900) -> Any:
+    script = Path(sys.executable).parent / "tfgrid"
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TFGRID_HOME", None)
+    proc = subprocess.run([*argv, "--home", str(home), "--json", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"tfgrid {' '.join(args)} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+def shard_stores(status: dict[str, Any]) -> list[psutil.Process]:
+    """The shard-store children of the devnet's (running) agents."""
+    out = []
+    for n in status["nodes"]:
+        if not n["alive"]:
+            continue
+        with_children = psutil.Process(int(n["pid"])).children(recursive=True)
+        out += [p for p in with_children if "zos_agent.shardstore" in " ".join(p.cmdline())]
+    return out
+
+
+def peak_rss_mib(p: psutil.Process) -> float:
+    """VmHWM: the most resident memory the process ever had."""
+    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return p.memory_info().rss / MIB
+
+
+def make_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 4 * MIB))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def add(self, what: str, value: str, goal: str, ok: bool | None) -> None:
+        self.rows.append((what, value, goal, "" if ok is None else ("yes" if ok else "NO")))
+
+    def print(self) -> None:
+        widths = [max(len(r[i]) for r in [("figure", "value", "goal", "met"), *self.rows])
+                  for i in range(4)]
+        for row in [("figure", "value", "goal", "met"), *self.rows]:
+            print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="MiB for put/get")
+    parser.add_argument("--repair-size", type=int, default=64, help="MiB for the repair")
+    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--farms", type=int, default=5)
+    parser.add_argument("--dir", type=Path, help="devnet directory (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="leave the devnet running")
+    opts = parser.parse_args()
+
+    from threebot.storage.client import Settings
+
+    workers = Settings().workers
+    base = opts.dir or Path(tempfile.mkdtemp(prefix="tfgrid-storage-bench-"))
+    home = base / "devnet"
+    data = base / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    size, rsize = opts.size * MIB, opts.repair_size * MIB
+    print(f"# storage benchmark: {opts.nodes} nodes, {psutil.cpu_count()} cores, "
+          f"put/get {opts.size} MiB, repair {opts.repair_size} MiB", flush=True)
+    big, small = data / "big.bin", data / "repair.bin"
+    big_hash = make_file(big, size)
+    make_file(small, rsize)
+    (data / "warm.bin").write_bytes(os.urandom(MIB))
+
+    raw1 = raw_pipeline(big, 1)
+    rawn = raw_pipeline(big, workers)
+    raw = size / MB / min(raw1, rawn)
+    print(f"raw pipeline: {size / MB / raw1:.1f} MB/s (1 thread), "
+          f"{size / MB / rawn:.1f} MB/s ({workers} threads)", flush=True)
+
+    t0 = time.perf_counter()
+    up = tfgrid(home, "devnet", "up", "--nodes", str(opts.nodes), "--farms", str(opts.farms),
+                "--dir", str(home), "--timeout", "300")
+    print(f"devnet up: {len(up['nodes'])} nodes in {time.perf_counter() - t0:.0f} s", flush=True)
+    results: dict[str, Any] = {}
+    try:
+        tfgrid(home, "twin", "register", "storage-bench")
+        t0 = time.perf_counter()
+        warm = run_child("put", home, str(data / "warm.bin"))  # opens the 20 namespaces
+        print(f"warm-up put (namespaces created): {time.perf_counter() - t0:.1f} s", flush=True)
+
+        put = run_child("put", home, str(big))
+        cap = put["cap"]
+        print(f"put: {put['seconds']:.2f} s, peak RSS {put['maxrss_mib']:.0f} MiB", flush=True)
+        out = data / "out.bin"
+        get = run_child("get", home, cap, str(out))
+        if sha256_of(out) != big_hash:
+            raise SystemExit("get returned different bytes")
+        out.unlink()
+        print(f"get: {get['seconds']:.2f} s, peak RSS {get['maxrss_mib']:.0f} MiB", flush=True)
+
+        status = tfgrid(home, "devnet", "status")
+        down = [n["name"] for n in status["nodes"]][:LOST]
+        for name in down:
+            tfgrid(home, "devnet", "stop", name)
+        try:
+            degraded = run_child("get", home, cap, str(out))
+            if sha256_of(out) != big_hash:
+                raise SystemExit("degraded get returned different bytes")
+            out.unlink()
+            print(f"degraded get ({', '.join(down)} stopped): {degraded['seconds']:.2f} s, "
+                  f"peak RSS {degraded['maxrss_mib']:.0f} MiB", flush=True)
+        finally:
+            for name in down:
+                tfgrid(home, "devnet", "start", name, timeout=300)
+
+        rput = run_child("put", home, str(small))
+        rcap = rput["cap"]
+        run_child("lose", home, rcap)
+        before = run_child("check", home, rcap)
+        repair = run_child("repair", home, rcap)
+        after = run_child("check", home, rcap)
+        print(f"repair: healthy {before['healthy']} -> {after['healthy']} "
+              f"(rewritten {repair['rewritten']}) in {repair['seconds']:.2f} s, "
+              f"peak RSS {repair['maxrss_mib']:.0f} MiB", flush=True)
+        if after["healthy"] != 20:
+            raise SystemExit("the repair did not restore 20 shards")
+
+        stores = shard_stores(tfgrid(home, "devnet", "status"))
+        peaks = [peak_rss_mib(p) for p in stores]
+        now = [p.memory_info().rss / MIB for p in stores]
+        results = {"raw": raw, "put": size / MB / put["seconds"], "get": size / MB / get["seconds"],
+                   "degraded": size / MB / degraded["seconds"], "repair_s": repair["seconds"],
+                   "client_rss": max(x["maxrss_mib"] for x in (warm, put, get, degraded, rput, repair)),
+                   "store_peak": max(peaks), "store_mean": sum(peaks) / len(peaks),
+                   "store_now": max(now), "stores": len(stores)}
+    finally:
+        if not opts.keep:
+            tfgrid(home, "devnet", "down")
+            if opts.dir is None:
+                shutil.rmtree(base, ignore_errors=True)
+
+    r = results
+    print()
+    t = Table()
+    t.add("raw pipeline (encrypt+zfec+hash)", f"{r['raw']:.1f} MB/s", "the ceiling", None)
+    t.add("put", f"{r['put']:.1f} MB/s ({r['put'] / r['raw']:.0%} of raw)",
+          ">= 60% of raw", r["put"] >= 0.6 * r["raw"])
+    t.add("get", f"{r['get']:.1f} MB/s ({r['get'] / r['raw']:.0%} of raw)",
+          ">= 60% of raw", r["get"] >= 0.6 * r["raw"])
+    t.add(f"degraded get ({LOST} nodes down)",
+          f"{r['degraded']:.1f} MB/s ({r['degraded'] / r['get']:.0%} of get)",
+          ">= 80% of get", r["degraded"] >= 0.8 * r["get"])
+    t.add("client peak RSS", f"{r['client_rss']:.0f} MiB", "< 200 MiB", r["client_rss"] < 200)
+    t.add("put vs Tahoe best up", f"{r['put'] / TAHOE_UP_MBS:.1f}x ({TAHOE_UP_MBS:g} MB/s)",
+          ">= 4x", r["put"] >= 4 * TAHOE_UP_MBS)
+    t.add("get vs Tahoe best down", f"{r['get'] / TAHOE_DOWN_MBS:.1f}x ({TAHOE_DOWN_MBS:g} MB/s)",
+          ">= 5x", r["get"] >= 5 * TAHOE_DOWN_MBS)
+    t.add(f"repair {opts.repair_size} MiB, {LOST} shards lost",
+          f"{r['repair_s']:.2f} s ({TAHOE_REPAIR_S / r['repair_s']:.1f}x faster than Tahoe's "
+          f"{TAHOE_REPAIR_S:g} s)", ">= 3x faster", TAHOE_REPAIR_S / r["repair_s"] >= 3)
+    t.add(f"shard-store peak RSS ({r['stores']} nodes)",
+          f"max {r['store_peak']:.1f} MiB, mean {r['store_mean']:.1f}",
+          f"<= 40 MiB (Tahoe ~{TAHOE_NODE_MIB:g})", r["store_peak"] <= 40)
+    t.print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        main()
