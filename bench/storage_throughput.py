@@ -26,6 +26,7 @@ in about 9 s after losing 4 nodes, about 100 MiB RSS per storage node.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -106,16 +107,31 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
             out["seconds"] = time.perf_counter() - t0
 
     trio.run(run)
-    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["maxrss_mib"] = usage.ru_maxrss / 1024
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime
     print(json.dumps(out), flush=True)
 
 
+def store_cpu_s(home: Path) -> float:
+    """CPU seconds used so far by the shard stores of the running devnet nodes."""
+    total = 0.0
+    for p in shard_stores(tfgrid(home, "devnet", "status")):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def run_child(op: str, home: Path, *args: str) -> dict[str, Any]:
+    """Run one client operation in a child; its figures, plus the CPU the stores used."""
+    stores0 = store_cpu_s(home)
     proc = subprocess.run([sys.executable, __file__, "--child", op, str(home), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"client {op} failed: {proc.stderr.strip()[-2000:]}")
     doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc["stores_cpu_s"] = store_cpu_s(home) - stores0
     return doc
 
 
@@ -214,6 +230,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def describe(r: dict[str, Any]) -> str:
+    return (f"{r['seconds']:.2f} s, client peak RSS {r['maxrss_mib']:.0f} MiB, "
+            f"CPU client {r['cpu_s']:.1f} s + shard stores {r['stores_cpu_s']:.1f} s")
+
+
 class Table:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, str, str]] = []
@@ -272,13 +293,13 @@ def main() -> None:
 
         put = run_child("put", home, str(big))
         cap = put["cap"]
-        print(f"put: {put['seconds']:.2f} s, peak RSS {put['maxrss_mib']:.0f} MiB", flush=True)
+        print(f"put: {describe(put)}", flush=True)
         out = data / "out.bin"
         get = run_child("get", home, cap, str(out))
         if sha256_of(out) != big_hash:
             raise SystemExit("get returned different bytes")
         out.unlink()
-        print(f"get: {get['seconds']:.2f} s, peak RSS {get['maxrss_mib']:.0f} MiB", flush=True)
+        print(f"get: {describe(get)}", flush=True)
 
         status = tfgrid(home, "devnet", "status")
         down = [n["name"] for n in status["nodes"]][:LOST]
@@ -289,8 +310,7 @@ def main() -> None:
             if sha256_of(out) != big_hash:
                 raise SystemExit("degraded get returned different bytes")
             out.unlink()
-            print(f"degraded get ({', '.join(down)} stopped): {degraded['seconds']:.2f} s, "
-                  f"peak RSS {degraded['maxrss_mib']:.0f} MiB", flush=True)
+            print(f"degraded get ({', '.join(down)} stopped): {describe(degraded)}", flush=True)
         finally:
             for name in down:
                 tfgrid(home, "devnet", "start", name, timeout=300)
@@ -302,8 +322,7 @@ def main() -> None:
         repair = run_child("repair", home, rcap)
         after = run_child("check", home, rcap)
         print(f"repair: healthy {before['healthy']} -> {after['healthy']} "
-              f"(rewritten {repair['rewritten']}) in {repair['seconds']:.2f} s, "
-              f"peak RSS {repair['maxrss_mib']:.0f} MiB", flush=True)
+              f"(rewritten {repair['rewritten']}): {describe(repair)}", flush=True)
         if after["healthy"] != 20:
             raise SystemExit("the repair did not restore 20 shards")
 
