@@ -36,7 +36,8 @@ validator key over a fresh challenge bound to the chain id (domain ``tfgrid/hand
     {"auth": {"signature": bytes}}      # signs [their challenge, our key, genesis hash]
 
 then exchange gossip messages ``{"gossip": "proposal", "proposal": <wire>, "block": <wire>}``,
-``{"gossip": "vote", "vote": <wire>}``, ``{"gossip": "tx", "tx": bytes}`` and
+``{"gossip": "vote", "vote": <wire>}``, ``{"gossip": "txs", "txs": [bytes, ...]}`` (up to
+512 txs; the single ``{"gossip": "tx", "tx": bytes}`` is accepted too) and
 ``{"gossip": "status", "height": int}`` and may use the client methods too (``block`` is
 how a lagging validator catches up).
 """

@@ -63,7 +63,7 @@ from ledger.state import BlockResult, LedgerState
 from ledger.store import Store
 from ledger.tx import VerifiedTxs
 from ledger.types import Block, Commit, Genesis, Header, Proposal, Vote, merkle_root
-from ledger.wire import encode_frame
+from ledger.wire import NEED_DATA, encode_frame
 
 log = logging.getLogger("ledger.node")
 
@@ -80,6 +80,14 @@ STATUS_INTERVAL_S = 1.0
 CATCHUP_GRACE_S = 0.3
 CATCHUP_REQUEST_TIMEOUT_S = 5.0
 GOSSIP_TX_QUEUE = 20_000  # txs from peers awaiting admission; beyond it they are dropped
+# Txs admitted here reach the other validators in batches of up to TX_GOSSIP_BATCH, at most one
+# frame per peer every TX_GOSSIP_INTERVAL_S: a tx after a quiet spell goes at once, under load
+# the frames carry what was admitted meanwhile (a frame per tx costs each peer more than the
+# admission of the tx itself, apart from its signature check).
+TX_GOSSIP_INTERVAL_S = 0.01
+TX_GOSSIP_BATCH = 512
+TX_ADMIT_SLICE = 32  # gossiped txs admitted between two checkpoints
+CLIENT_BURST = 8  # buffered requests of one client answered between two checkpoints
 
 
 def wall_ms() -> int:
@@ -298,8 +306,12 @@ class Node:
         self._catchup_target = 0
         self._catchup_wake = trio.Event()
         self._rng = random.Random(key.public_key)  # backoff jitter only
-        self._gossiped_txs, self._gossiped_rx = trio.open_memory_channel[bytes](GOSSIP_TX_QUEUE)
+        # Batches of gossiped txs; their total length is bounded by GOSSIP_TX_QUEUE.
+        self._gossiped_txs, self._gossiped_rx = trio.open_memory_channel[list[bytes]](math.inf)
+        self._gossip_queued = 0
         self.dropped_gossip_txs = 0
+        self._tx_outbox: list[bytes] = []  # admitted here, to gossip
+        self._tx_outbox_ready = trio.Event()
         self.now_ms: Callable[[], int] = wall_ms
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -319,6 +331,7 @@ class Node:
             nursery.start_soon(self._catchup_loop)
             nursery.start_soon(self._status_loop)
             nursery.start_soon(self._gossiped_tx_loop)
+            nursery.start_soon(self._tx_gossip_loop)
             for addr in self.cfg.peers:
                 if addr not in (self.cfg.listen, bound):
                     nursery.start_soon(self._dial_loop, addr)
@@ -481,12 +494,38 @@ class Node:
     # -- txs from other validators --------------------------------------------------------------
 
     async def _gossiped_tx_loop(self) -> None:
-        async for raw in self._gossiped_rx:  # each receive is a checkpoint: others get turns
-            try:
-                self.mempool.add(raw, self.app.state, self.chain_id)
-            except InvalidTx:
-                continue  # duplicates and txs made stale by a block are normal here
-            self._execute(self.core.on_txs_available(self.now_ms()))
+        async for batch in self._gossiped_rx:  # each receive is a checkpoint: others get turns
+            self._gossip_queued -= len(batch)
+            added = False
+            for i, raw in enumerate(batch):
+                if i and i % TX_ADMIT_SLICE == 0:
+                    if added:
+                        self._execute(self.core.on_txs_available(self.now_ms()))
+                        added = False
+                    await trio.lowlevel.checkpoint()  # votes and proposals go first
+                try:
+                    self.mempool.add(raw, self.app.state, self.chain_id)
+                except InvalidTx:
+                    continue  # duplicates and txs made stale by a block are normal here
+                added = True
+            if added:
+                self._execute(self.core.on_txs_available(self.now_ms()))
+
+    def _queue_tx_gossip(self, raw: bytes) -> None:
+        if self.peers:
+            self._tx_outbox.append(raw)
+            self._tx_outbox_ready.set()
+
+    async def _tx_gossip_loop(self) -> None:
+        last = -math.inf
+        while True:
+            await self._tx_outbox_ready.wait()
+            await trio.sleep_until(last + TX_GOSSIP_INTERVAL_S)  # at once if that is past
+            self._tx_outbox_ready = trio.Event()
+            txs, self._tx_outbox = self._tx_outbox, []
+            last = trio.current_time()
+            for i in range(0, len(txs), TX_GOSSIP_BATCH):
+                self._gossip({"gossip": "txs", "txs": txs[i:i + TX_GOSSIP_BATCH]})
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -581,6 +620,14 @@ class Node:
         msg = first
         while msg is not None:
             self._on_client_message(conn, msg)
+            # A client pipelining requests gets a few answered per turn, so that their
+            # responses leave in one write (a write wakes the client: it costs more than
+            # answering a request, bar the signature check).
+            for _ in range(CLIENT_BURST - 1):
+                msg = conn.receive_buffered()
+                if msg is NEED_DATA:
+                    break
+                self._on_client_message(conn, msg)
             msg = await conn.receive()
 
     async def _handshake(self, conn: Connection, hello: Any) -> bytes:
@@ -645,16 +692,19 @@ class Node:
                 if block.hash() != proposal.block_hash:
                     raise RemoteProtocolError("proposal names another block")
                 self._core_input(lambda: self.core.on_proposal(proposal, block, now), conn)
-            case "tx":
-                raw = msg.get("tx")
-                if not isinstance(raw, bytes):
-                    raise MalformedFrame("tx gossip must carry bytes")
+            case "tx" | "txs":
+                raws = [msg.get("tx")] if kind == "tx" else msg.get("txs")
+                if not (isinstance(raws, list) and len(raws) <= TX_GOSSIP_BATCH
+                        and all(isinstance(raw, bytes) for raw in raws)):
+                    raise MalformedFrame(f"tx gossip must carry bytes, at most "
+                                         f"{TX_GOSSIP_BATCH} txs per message")
                 # Admission (a signature check and more) is queued for the tx task, so that
                 # a flood of gossiped txs never delays the votes and proposals behind it.
-                try:
-                    self._gossiped_txs.send_nowait(raw)
-                except trio.WouldBlock:
-                    self.dropped_gossip_txs += 1  # best effort: the origin still has it
+                if self._gossip_queued + len(raws) > GOSSIP_TX_QUEUE:
+                    self.dropped_gossip_txs += len(raws)  # best effort: the origin still has them
+                elif raws:
+                    self._gossip_queued += len(raws)
+                    self._gossiped_txs.send_nowait(raws)
             case "status":
                 height = msg.get("height")
                 if not isinstance(height, int) or isinstance(height, bool) or height < 0:
@@ -745,7 +795,7 @@ class Node:
         if not isinstance(raw, bytes):
             raise InvalidTx("malformed", "params.tx must be the encoded transaction bytes")
         tx_hash = self.mempool.add(raw, self.app.state, self.chain_id)
-        self._gossip({"gossip": "tx", "tx": raw})
+        self._queue_tx_gossip(raw)
         return {"accepted": True, "tx_hash": tx_hash}
 
     def _block(self, height: int) -> dict[str, Any]:

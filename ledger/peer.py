@@ -116,6 +116,11 @@ class Connection:
                 return None
             self._decoder.receive_data(bytes(data))
 
+    def receive_buffered(self) -> Any:
+        """The next message if it is already buffered, else :data:`~ledger.wire.NEED_DATA`;
+        no I/O and no checkpoint. Raises like :meth:`receive`."""
+        return self._decoder.next_message()
+
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, message: Any) -> bool:
