@@ -8,11 +8,18 @@ directory, funds ``--senders`` accounts in genesis, pre-signs transfers, then me
   to one of the validators, all at once (an overload: latency is mostly queueing);
 * half load: the same senders paced to half the committed rate full load reached.
 
-Latency is from sending ``submit_tx`` to receiving the committed header that contains the tx
-(header subscription on the first validator). Printed next to them, the limit they are
-measured against: this machine's ed25519 verifications per second (pynacl, one core),
-measured in the same run before the validators start. Every tx is verified at least once per
-validator, and the validators share the machine's cores.
+The senders of the full and half loads run in ``--client-procs`` separate processes, started
+before the validators and handed their pre-signed txs before the timed window, so that client
+work is not done by the process that timestamps commits.
+
+Committed tx/s = txs included in blocks / wall time from the first submission to the commit of
+the last one. Latency is from sending ``submit_tx`` to receiving the committed header that
+contains the tx (header subscription on the first validator). Printed next to them, the limit
+they are measured against: this machine's ed25519 verifications per second (pynacl, one core),
+measured in the same run before the validators start (every tx is verified once per
+validator, and the validators share the machine's cores), and the CPU time the validators
+spent per committed tx, which does not depend on what else the machine runs as much as the
+rates do (the load average is printed too).
 
     .venv/bin/python bench/ledger_throughput.py [--validators 4] [--senders 64] [--txs 100]
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import selectors
 import signal
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +171,10 @@ async def watch_headers(addr: tuple[str, int], tracker: Tracker,
         tracker.new_commit = trio.Event()
 
 
-async def pipelined_sender(addr: tuple[str, int], txs: list[bytes], tracker: Tracker,
+async def pipelined_sender(conn: Conn, txs: list[bytes], tracker: Tracker,
                            interval_s: float | None, offset_s: float) -> None:
     """Send this sender's txs in nonce order with up to WINDOW unanswered requests; with
     ``interval_s`` one every ``interval_s`` seconds (starting ``offset_s`` late), else flat out."""
-    conn = await Conn.open(addr)
     window = trio.Semaphore(WINDOW)
     ids: dict[int, bytes] = {}
 
@@ -195,6 +203,105 @@ async def pipelined_sender(addr: tuple[str, int], txs: list[bytes], tracker: Tra
     await conn.stream.aclose()
 
 
+# A sender job: (validator address, pre-signed txs, pacing interval or None, pacing offset).
+Job = tuple[tuple[str, int], list[bytes], float | None, float]
+
+
+async def run_jobs(start_at: float, jobs: list[Job]) -> tuple[dict[bytes, float], dict[str, int]]:
+    """Connect every job's sender, wait for ``start_at`` (``time.perf_counter``, which is
+    CLOCK_MONOTONIC and so shared by the processes of the machine), then send."""
+    tracker = Tracker()
+    conns = [await Conn.open(addr) for addr, _, _, _ in jobs]
+    await trio.sleep(max(0.0, start_at - time.perf_counter()))
+    async with trio.open_nursery() as nursery:
+        for conn, (_, raws, interval, offset) in zip(conns, jobs, strict=True):
+            nursery.start_soon(pipelined_sender, conn, raws, tracker, interval, offset)
+    return tracker.submitted, tracker.refused
+
+
+def client_process(pipe: Connection) -> None:
+    """A client process: runs the sender jobs it is sent until it receives None."""
+    while True:
+        work = pipe.recv()
+        if work is None:
+            return
+        start_at, jobs = work
+        pipe.send(trio.run(run_jobs, start_at, jobs))
+
+
+class Clients:
+    """The client processes. Each gets its share of the senders of a load phase."""
+
+    def __init__(self, n: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process running trio
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(n):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=client_process, args=(theirs,), daemon=True)
+            proc.start()
+            self.pipes.append(ours)
+            self.procs.append(proc)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def run(self, jobs: list[Job], tracker: Tracker) -> float:
+        """Hand the jobs out, start them together, fill ``tracker``; returns the start time."""
+        shares: list[list[Job]] = [[] for _ in self.pipes]
+        for i, job in enumerate(jobs):
+            shares[i % len(shares)].append(job)
+        start_at = time.perf_counter() + 1.0  # time to receive the txs and connect
+        for pipe, share in zip(self.pipes, shares, strict=True):
+            pipe.send((start_at, share))
+        for pipe in self.pipes:
+            submitted, refused = await trio.to_thread.run_sync(pipe.recv)
+            tracker.submitted.update(submitted)
+            for code, n in refused.items():
+                tracker.refused[code] = tracker.refused.get(code, 0) + n
+        return start_at
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc; 0.0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.1f} {five:.1f} {fifteen:.1f}"
+
+
+@dataclass
+class Machine:
+    """What the CPU figures need: the validators' and clients' process ids, the core count."""
+
+    validator_pids: list[int]
+    clients: Clients
+    cpus: int
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -209,38 +316,54 @@ def signed_transfers(key: KeyPair, nonces: range, sink: bytes) -> list[bytes]:
 
 
 async def run_load(name: str, addrs: list[tuple[str, int]], batches: list[list[bytes]],
-                   tracker: Tracker, rate: float | None) -> float:
-    """Submit every batch (one per sender, spread over the validators) and wait until all
-    accepted txs are committed. ``rate`` (tx/s, total) paces the senders; None is flat out.
-    Prints the figures and returns the committed tx/s."""
+                   tracker: Tracker, rate: float | None, machine: Machine) -> float:
+    """Submit every batch (one per sender, spread over the validators) from the client
+    processes and wait until all accepted txs are committed. ``rate`` (tx/s, total) paces
+    the senders; None is flat out. Prints the figures and returns the committed tx/s."""
     total = sum(len(b) for b in batches)
     tracker.committed.clear()
     tracker.refused.clear()
+    tracker.submitted.clear()
     first_block = len(tracker.blocks)
-    start = time.perf_counter()
     interval = None if rate is None else len(batches) / rate
-    async with trio.open_nursery() as nursery:
-        for i, raws in enumerate(batches):
-            offset = 0.0 if interval is None else interval * i / len(batches)
-            nursery.start_soon(pipelined_sender, addrs[i % len(addrs)], raws, tracker,
-                               interval, offset)
-    submit_s = time.perf_counter() - start
+    jobs: list[Job] = []
+    for i, raws in enumerate(batches):
+        offset = 0.0 if interval is None else interval * i / len(batches)
+        jobs.append((addrs[i % len(addrs)], raws, interval, offset))
+    cpu_v0 = cpu_seconds(machine.validator_pids)
+    cpu_c0 = cpu_seconds(machine.clients.pids())
+    start_at = await machine.clients.run(jobs, tracker)
     accepted = {hash_bytes(r) for raws in batches for r in raws} & tracker.submitted.keys()
+    start = min((tracker.submitted[h] for h in accepted), default=start_at)
+    submit_s = max((tracker.submitted[h] for h in accepted), default=start) - start
     with trio.move_on_after(120):
         while not accepted <= tracker.committed.keys():
             await tracker.new_commit.wait()
+    cpu_v = cpu_seconds(machine.validator_pids) - cpu_v0
+    cpu_c = cpu_seconds(machine.clients.pids()) - cpu_c0
     done = [h for h in accepted if h in tracker.committed]
     end = max((tracker.committed[h] for h in done), default=start)
     tps = len(done) / (end - start) if end > start else 0.0
     lats = [tracker.committed[h] - tracker.submitted[h] for h in done]
     sizes = [n for _, n, _ in tracker.blocks[first_block:] if n]
     offered = "flat out" if rate is None else f"offered {rate:.0f} tx/s"
-    print(f"{name}: {len(batches)} senders, {total} txs {offered} "
-          f"(accepted {len(accepted)}, submitted in {submit_s:.2f} s)")
+    print(f"{name}: {len(batches)} senders in {len(machine.clients.pipes)} client processes, "
+          f"{total} txs {offered} (accepted {len(accepted)}, submitted in {submit_s:.2f} s)")
     print(f"    {tps:8.1f} tx/s committed over {end - start:.2f} s, "
           f"latency p50 {percentile(lats, 50) * 1000:7.1f} ms  p99 {percentile(lats, 99) * 1000:7.1f} ms, "
           f"{len(sizes)} blocks of mean {statistics.mean(sizes) if sizes else 0:.0f} txs "
           f"(max {max(sizes, default=0)})")
+    if done:
+        per_tx = cpu_v / len(done)
+        # Flat out, the validators are busy all the time: their CPU time per tx tells what
+        # the machine's cores would commit if nothing else ran (an extrapolation: contention
+        # itself costs CPU time too). Paced, they make more and smaller blocks instead.
+        estimate = (f"{machine.cpus} cores given to the validators alone would commit about "
+                    f"{machine.cpus / per_tx:,.0f} tx/s" if rate is None
+                    else "not saturated: more, smaller blocks")
+        print(f"    validators' CPU {per_tx * 1e6:6.0f} us per committed tx, all validators "
+              f"together (clients {cpu_c / len(done) * 1e6:.0f} us): {estimate}; "
+              f"{load_average()}")
     if tracker.refused:
         print(f"    refused: {tracker.refused}")
     if len(done) < len(accepted):
@@ -249,7 +372,7 @@ async def run_load(name: str, addrs: list[tuple[str, int]], batches: list[list[b
 
 
 async def run_bench(addrs: list[tuple[str, int]], senders: list[KeyPair], txs_per_sender: int,
-                    light_txs: int, sink: bytes) -> None:
+                    light_txs: int, sink: bytes, machine: Machine) -> None:
     # Measure a live chain: every validator connected to all others and past height 1.
     with trio.fail_after(60):
         for addr in addrs:
@@ -280,17 +403,18 @@ async def run_bench(addrs: list[tuple[str, int]], senders: list[KeyPair], txs_pe
         await conn.stream.aclose()
         print(f"light load: 1 sender, {light_txs} txs one at a time: "
               f"{light_txs / light_s:.1f} tx/s committed, latency p50 "
-              f"{percentile(lats, 50) * 1000:.1f} ms  p99 {percentile(lats, 99) * 1000:.1f} ms")
+              f"{percentile(lats, 50) * 1000:.1f} ms  p99 {percentile(lats, 99) * 1000:.1f} ms; "
+              f"{load_average()}")
 
         # -- full load: every sender flat out, then paced at half the rate reached ---------
         users = senders[1:]
         full = [signed_transfers(k, range(txs_per_sender), sink) for k in users]
-        tps = await run_load("full load", addrs, full, tracker, None)
+        tps = await run_load("full load", addrs, full, tracker, None, machine)
         half_rate = max(tps / 2, 1.0)
         per_sender = max(1, int(half_rate * 6 / len(users)))  # about six seconds of load
         paced = [signed_transfers(k, range(txs_per_sender, txs_per_sender + per_sender), sink)
                  for k in users]
-        await run_load("half load", addrs, paced, tracker, half_rate)
+        await run_load("half load", addrs, paced, tracker, half_rate, machine)
         nursery.cancel_scope.cancel()
 
 
@@ -300,18 +424,22 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=64, help="concurrent senders at full load")
     ap.add_argument("--txs", type=int, default=100, help="transfers per sender at full load")
     ap.add_argument("--light-txs", type=int, default=100)
+    ap.add_argument("--client-procs", type=int, default=2,
+                    help="processes running the full and half load senders")
     ap.add_argument("--max-block-txs", type=int, default=None,
                     help="override the validators' block size limit (txs)")
     ap.add_argument("--keep", action="store_true", help="keep the validator homes (logs)")
     args = ap.parse_args()
 
+    clients = Clients(args.client_procs)  # before the validators: spawning costs CPU
     verify_s = ed25519_verify_per_s()
     cpus = os.cpu_count() or 1
-    # Each validator checks each tx's signature at admission and again when executing it.
-    ceiling = verify_s * min(cpus, args.validators) / (2 * args.validators)
-    print(f"machine: {cpus} cpus, ed25519 verify {verify_s:,.0f}/s on one core (pynacl); "
-          f"if signature checks were the only cost, {args.validators} validators sharing "
-          f"{min(cpus, args.validators)} cores could commit at most {ceiling:,.0f} tx/s")
+    # Each validator checks each tx's signature once (admission, or a block bringing it).
+    ceiling = verify_s * min(cpus, args.validators) / args.validators
+    print(f"machine: {cpus} cpus, {load_average()}, ed25519 verify {verify_s:,.0f}/s on one "
+          f"core (pynacl); if signature checks were the only cost, {args.validators} "
+          f"validators sharing {min(cpus, args.validators)} cores could commit at most "
+          f"{ceiling:,.0f} tx/s")
 
     root = Path(tempfile.mkdtemp(prefix="tfgrid-bench-"))
     vkeys = [KeyPair.from_seed(bytes([0xB0 + i]) * 32) for i in range(args.validators)]
@@ -340,8 +468,10 @@ def main() -> None:
             if not line.startswith(b"listening"):
                 raise SystemExit(f"validator {i} did not start; see {home / 'node.log'}")
         print(f"{args.validators} validators on loopback, homes in {root}")
-        trio.run(run_bench, addrs, senders, args.txs, args.light_txs, sink)
+        machine = Machine([p.pid for p in procs], clients, cpus)
+        trio.run(run_bench, addrs, senders, args.txs, args.light_txs, sink, machine)
     finally:
+        clients.close()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
