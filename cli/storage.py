@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,31 +40,38 @@ from threebot.storage.index import LocalIndex
 from threebot.storage.shardclient import Connector, open_tcp
 
 RENDER_INTERVAL_S = 0.1
+RATE_WINDOW_S = 3.0
 BAR_WIDTH = 24
 
 
 class Progress:
     """A transfer's progress line: bytes moved so far against an expected total (None when
-    unknown: then only the amount and the rate show). Rendering is throttled and goes to
-    stderr only on a terminal (:func:`cli.output.progress`)."""
+    unknown: then only the amount and the rate show). The rate is over the last few seconds,
+    so the time spent placing namespaces before the first byte does not drag it down.
+    Rendering is throttled and goes to stderr only on a terminal (:func:`cli.output.progress`)."""
 
     def __init__(self, label: str, total: int | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
         self.total = total
         self.moved = 0
         self._clock = clock
-        self._start = clock()
+        self._samples: deque[tuple[float, int]] = deque([(clock(), 0)])
         self._last = 0.0
+        progress(f"{label}: contacting the grid")
 
     def add(self, n: int) -> None:
         self.moved += n
         now = self._clock()
         if now - self._last >= RENDER_INTERVAL_S:
             self._last = now
+            self._samples.append((now, self.moved))
+            while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW_S:
+                self._samples.popleft()
             progress(self.line(now))
 
     def line(self, now: float) -> str:
-        rate = self.moved / max(now - self._start, 1e-3)
+        t0, moved0 = self._samples[0]
+        rate = (self.moved - moved0) / max(now - t0, 1e-3)
         amount = f"{human_bytes(self.moved)} at {human_bytes(int(rate))}/s"
         if not self.total:
             return f"{self.label}: {amount}"
