@@ -574,6 +574,23 @@ def _copy(value: Any) -> Any:
     return value
 
 
+_SCALARS = (int, bytes, str, bool, type(None))
+
+
+def _pack_entry(value: dict[str, Any]) -> bytes:
+    """:func:`ledger.codec.pack` of an entry map, without its canonicalising walk for a flat
+    map whose keys are already in order (most entries: accounts, txresults)."""
+    prev = ""
+    for k, v in value.items():
+        if type(k) is not str or k < prev or type(v) not in _SCALARS:
+            return pack(value)
+        prev = k
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError):
+        return pack(value)  # raises EncodingError as it would have
+
+
 def _decode_stored(key: bytes, raw: bytes) -> dict[str, Any]:
     # Entries were written by this module through codec.pack; msgpack decodes them directly
     # (the untrusted-input float and depth checks of codec.unpack are for peer bytes).
@@ -616,7 +633,21 @@ class _Overlay:
         self.writes.update(child.writes)
 
     def encoded(self) -> dict[bytes, bytes | None]:
-        return {k: None if v is None else pack(v) for k, v in self.writes.items()}
+        return {k: None if v is None else _pack_entry(v) for k, v in self.writes.items()}
+
+    def owned(self, key: bytes) -> dict[str, Any] | None:
+        """The map under ``key`` as a write of this overlay, for the caller to change in place.
+
+        Safe because nothing else holds the maps in ``writes``: :meth:`get_map` hands out
+        copies, ``put_map`` stores one, and a merged child is dropped.
+        """
+        found = self.writes.get(key, _ABSENT)
+        if found is _ABSENT:
+            found = self.get_map(key)
+            if found is None:
+                return None
+            self.writes[key] = found
+        return found  # type: ignore[no-any-return]
 
 
 class _Exec:
@@ -675,10 +706,11 @@ class _Exec:
 
     def burn(self, amount: int) -> None:
         if amount:
-            c = self.counters()
+            c = self.ov.owned(keyspace.counters())  # every tx burns: no copy per tx
+            if c is None:
+                raise MalformedFrame("state has no counters entry")
             c["burned"] = int(c["burned"]) + amount
             c["supply"] = int(c["supply"]) - amount
-            self.put_map(keyspace.counters(), c)
 
     def mint(self, address: bytes, amount: int) -> None:
         if amount:
@@ -798,7 +830,8 @@ def _x_transfer(ex: _Exec, tx: Tx, b: dict[str, Any]) -> None:
     if int(a["balance"]) < b["amount"]:
         raise InvalidTx("insufficient_funds",
                         f"balance {a['balance']} is below the amount {b['amount']}")
-    ex.credit(tx.sender, -b["amount"])
+    a["balance"] = int(a["balance"]) - b["amount"]  # what credit(sender, -amount) would do
+    ex.put_map(keyspace.account(tx.sender), a)
     ex.credit(b["to"], b["amount"])
 
 
@@ -1286,5 +1319,5 @@ class LedgerState:
     def _record(ex: _Exec, tx_hash: bytes, code: str, message: str) -> TxOutcome:
         key = keyspace.tx_result(tx_hash)
         if not (code == "bad_nonce" and ex.get_map(key) is not None):
-            ex.put_map(key, {"height": ex.height, "code": code, "message": message})
+            ex.put_map(key, {"code": code, "height": ex.height, "message": message})
         return TxOutcome(tx_hash, code, message)
