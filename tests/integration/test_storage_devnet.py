@@ -214,7 +214,9 @@ def shard_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("*/shards/*/*") if SHARD_FILE.fullmatch(p.name))
 
 
-def files_holding(data_dir: Path, needle: bytes) -> list[Path]:
+def files_holding(data_dir: Path, needle: bytes, scanned: list[int] | None = None) -> list[Path]:
+    """Every regular file under ``data_dir`` that contains ``needle``; the bytes read are
+    appended to ``scanned``."""
     hits = []
     for dirpath, _dirs, names in os.walk(data_dir):
         for name in names:
@@ -225,6 +227,8 @@ def files_holding(data_dir: Path, needle: bytes) -> list[Path]:
                 data = path.read_bytes()
             except OSError:
                 continue  # sockets, files that vanished meanwhile
+            if scanned is not None:
+                scanned.append(len(data))
             if needle in data:
                 hits.append(path)
     return hits
@@ -339,9 +343,12 @@ def test_5_no_data_dir_holds_a_64_byte_run_of_the_plaintext(grid: Grid) -> None:
     on_disk = sum(len(shard_files(n.data_dir)) for n in grid.nodes.values())
     assert on_disk >= 20 * 3  # every placement's shard, hash page and manifest shard
     t0 = time.monotonic()
-    leaks = [p for n in grid.nodes.values() for p in files_holding(n.data_dir, marker)]
-    print(f"plaintext scan of {N_NODES} data dirs: {time.monotonic() - t0:.1f}s")
+    scanned: list[int] = []
+    leaks = [p for n in grid.nodes.values() for p in files_holding(n.data_dir, marker, scanned)]
+    print(f"plaintext scan of {N_NODES} data dirs: {len(scanned)} files, "
+          f"{sum(scanned) / (1 << 20):.1f} MiB in {time.monotonic() - t0:.2f}s")
     assert leaks == []
+    assert sum(scanned) >= OBJECT_SIZE * 20 // 16  # at least every shard was read
     # The scan finds the marker where it is: the test's own copy of the plaintext.
     assert files_holding(grid.work, marker) == [grid.work / "object.bin"]
 
