@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 MIB = 1 << 20
 MB = 1_000_000
 LOST = 4
+WINDOW_ENV = "TFGRID_BENCH_WINDOW"  # passes --window to the client children
 TAHOE_UP_MBS = 33.0
 TAHOE_DOWN_MBS = 19.0
 TAHOE_REPAIR_S = 9.0
@@ -73,8 +74,13 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
     home = Home(Path(home_dir))
     out: dict[str, Any] = {}
 
+    from threebot.storage.client import Settings
+
+    window = int(os.environ.get(WINDOW_ENV, "0"))
+    settings = Settings(window=window) if window else None
+
     async def run() -> None:
-        async with open_storage(home) as storage:
+        async with open_storage(home, settings) as storage:
             t0 = time.perf_counter()
             if op == "put":
                 res = await storage.put(Path(args[0]), name=Path(args[0]).name)
@@ -295,18 +301,24 @@ def main() -> None:
     parser.add_argument("--farms", type=int, default=5)
     parser.add_argument("--dir", type=Path, help="devnet directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the devnet running")
+    parser.add_argument("--window", type=int, default=0,
+                        help="client window in segments (default: the client's own default)")
     opts = parser.parse_args()
+    if opts.window:
+        os.environ[WINDOW_ENV] = str(opts.window)
 
     from threebot.storage.client import Settings
 
     workers = Settings().workers
+    window = opts.window or Settings().window
     base = opts.dir or Path(tempfile.mkdtemp(prefix="tfgrid-storage-bench-"))
     home = base / "devnet"
     data = base / "data"
     data.mkdir(parents=True, exist_ok=True)
     size, rsize = opts.size * MIB, opts.repair_size * MIB
     print(f"# storage benchmark: {opts.nodes} nodes, {psutil.cpu_count()} cores, "
-          f"put/get {opts.size} MiB, repair {opts.repair_size} MiB", flush=True)
+          f"put/get {opts.size} MiB, repair {opts.repair_size} MiB, client window {window} "
+          "segments", flush=True)
     big, small = data / "big.bin", data / "repair.bin"
     big_hash = make_file(big, size)
     make_file(small, rsize)
