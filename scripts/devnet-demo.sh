@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up (venv + pip install -e .) and run a local grid doing real work: 4 validator processes
-# and 3 node agents on 3 farms in 3 countries; identities, transfers, the twin phonebook, farms;
+# and 24 node agents on 6 farms in 6 countries; identities, transfers, the twin phonebook, farms;
 # a busybox web server deployed as a container (runc) from a manifest, answering HTTP, then
-# cancelled; a validator and a node fault drill; then tear down. Needs root (agents run runc).
+# cancelled; a validator and a node fault drill; a file in grid storage read back with 4 of
+# its 20 nodes down, then repaired and removed; then tear down. Needs root (agents run runc).
 #
 #   sudo ./scripts/devnet-demo.sh            # demo in a fresh temporary directory
 #   DEMO_DIR=./devnet KEEP=1 ./scripts/devnet-demo.sh   # keep the grid running afterwards
@@ -26,7 +27,7 @@ if [ "${KEEP:-0}" != 1 ]; then
     trap 'say "tfgrid devnet down --dir $DEMO_DIR"; tfgrid devnet down --dir "$DEMO_DIR" || true' EXIT
 fi
 
-run devnet up --validators 4 --nodes 3 --farms 3 --dir "$DEMO_DIR"
+run devnet up --validators 4 --nodes 24 --farms 6 --dir "$DEMO_DIR"
 export TFGRID_HOME=$DEMO_DIR          # the devnet directory is a home with a funded identity
 run identity show
 run account balance
@@ -46,8 +47,8 @@ run twin lookup alice
 run account transfer alice 1000000          # pay a twin by name
 run farm create "Demo Farm" --country BE
 run --home "$ALICE" farm create "Alice Acres" --country NL
-run farm list                               # the devnet's 3 farms and these 2
-run node list                               # 3 node agents, one per devnet farm
+run farm list                               # the devnet's 6 farms and these 2
+run node list                               # 24 node agents, spread over the devnet's farms
 run capacity --by country
 
 say "# a container: build a busybox rootfs, publish it, deploy a web server from a manifest"
@@ -93,6 +94,30 @@ run devnet start validator-3
 say "# fault drill: a node agent down and up again (its containers would keep running)"
 run devnet stop node-3
 run devnet start node-3
+
+say "# grid storage: a file encrypted, coded 16-of-20 and spread over 20 nodes in 6 farms"
+head -c 16M /dev/urandom > "$DEMO_DIR-file.bin"
+say "tfgrid storage put $DEMO_DIR-file.bin    # a progress bar on a terminal, then the capability"
+put=$(tfgrid storage put "$DEMO_DIR-file.bin")
+echo "$put"
+cap=$(echo "$put" | head -n 1)
+run storage ls
+# the devnet names (node-K) of the nodes holding shards 0-3
+lost=$(tfgrid storage check "$cap" --json | .venv/bin/python -c '
+import json, subprocess, sys
+placed = [s["node"] for s in json.load(sys.stdin)["shards"][:4]]
+status = json.loads(subprocess.run([".venv/bin/tfgrid", "devnet", "status", "--json"],
+                                   capture_output=True, check=True, text=True).stdout)
+print(" ".join(n["name"] for n in status["nodes"] if n["id"] in placed))')
+say "# 4 of those 20 nodes down: any 16 shards give the file back"
+for n in $lost; do run devnet stop "$n"; done
+run storage get "$cap" -o "$DEMO_DIR-back.bin"
+cmp "$DEMO_DIR-file.bin" "$DEMO_DIR-back.bin" && echo "identical"
+run storage check "$cap"
+run storage repair "$cap"          # the 4 lost shards regenerated on replacement nodes
+run storage check "$cap"
+for n in $lost; do run devnet start "$n"; done
+run storage rm "$cap"              # every shard on every node, the retired ones too
 run devnet status
 
 if [ "${KEEP:-0}" = 1 ]; then
