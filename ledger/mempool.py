@@ -178,12 +178,15 @@ class Mempool:
 
     # -- internals ------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_chain(state: LedgerState, chain_id: str) -> None:
+    def _check_chain(self, state: LedgerState, chain_id: str) -> None:
         if chain_id != state.genesis.chain_id:
             raise LocalProtocolError(
                 f"mempool used with chain {chain_id!r} but the state is of "
                 f"{state.genesis.chain_id!r}")
+        if self.verified is not None and self.verified.chain_id != chain_id:
+            raise LocalProtocolError(
+                f"mempool used with chain {chain_id!r} but its verified txs are of "
+                f"{self.verified.chain_id!r}")
 
     def _check_spend(self, tx: Tx, balance: int) -> None:
         total = max_spend(tx) + self._spend.get(tx.sender, 0)

@@ -142,6 +142,8 @@ def test_one_signature_check_per_tx_from_admission_to_commit(
 def test_memo_of_another_chain_is_refused() -> None:
     with pytest.raises(LocalProtocolError):
         make_state().apply_block(1, 1_000, [], verified=VerifiedTxs("other"))
+    with pytest.raises(LocalProtocolError):
+        Mempool(verified=VerifiedTxs("other")).add(transfer(ALICE, 0), make_state(), CHAIN)
 
 
 def test_bad_txs_in_a_block_get_the_same_outcomes_with_the_memo() -> None:
