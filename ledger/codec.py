@@ -20,6 +20,7 @@ EMPTY_HASH = b"\x00" * HASH_SIZE
 
 # Nesting and size caps for decoding untrusted bytes.
 _MAX_DEPTH = 32
+_LEAVES = frozenset({type(None), bool, int, bytes, str})  # exact types: canonical as they are
 
 
 def _canonical(value: Any, depth: int) -> Any:
@@ -29,12 +30,19 @@ def _canonical(value: Any, depth: int) -> Any:
         return value
     if isinstance(value, float):
         raise EncodingError("floats are not allowed in canonical encoding")
+    # Leaves that are already canonical are taken as they are instead of through a call each
+    # (a block is thousands of tx byte strings); only where they are not too deep.
     if isinstance(value, list | tuple):
+        if depth < _MAX_DEPTH:
+            return [v if type(v) in _LEAVES else _canonical(v, depth + 1) for v in value]
         return [_canonical(v, depth + 1) for v in value]
     if isinstance(value, dict):
         for k in value:
             if not isinstance(k, str):
                 raise EncodingError(f"map keys must be str, got {type(k).__name__}")
+        if depth < _MAX_DEPTH:
+            return {k: v if type(v) in _LEAVES else _canonical(v, depth + 1)
+                    for k, v in sorted(value.items())}
         return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
