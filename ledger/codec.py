@@ -88,12 +88,12 @@ def _reject_floats(value: Any, depth: int) -> None:
         raise MalformedFrame("value nested too deeply")
     if isinstance(value, float):
         raise MalformedFrame("floats are not allowed")
-    if isinstance(value, list):
-        for v in value:
-            _reject_floats(v, depth + 1)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _reject_floats(v, depth + 1)
+    if isinstance(value, list | dict):
+        items = value if isinstance(value, list) else value.values()
+        leaves_ok = depth < _MAX_DEPTH  # else even a leaf below is too deep
+        for v in items:
+            if not (leaves_ok and type(v) in _LEAVES):
+                _reject_floats(v, depth + 1)
 
 
 def hash_bytes(data: bytes) -> bytes:
