@@ -56,7 +56,7 @@ COMMAND_TIMEOUT_S = 300.0
 WAIT_S = 60.0
 RECORD = 32  # plaintext layout: 16-byte marker + 16 random bytes, repeated
 MARKER_LEN = 16
-NOT_ENOUGH = re.compile(r"only 15 of the 16 (manifest )?shards needed are reachable \(nodes (.+)\)")
+NOT_ENOUGH = re.compile(r"only 15 of the 16 shards needed are reachable \(nodes (.+)\)")
 SHARD_FILE = re.compile(r"[0-9a-f]{64}")
 
 

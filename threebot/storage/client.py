@@ -755,7 +755,9 @@ class StorageClient:
             if not records and not failed:
                 raise StorageError(f"no manifest for this capability on any namespace of twin "
                                    f"{cap.owner} (removed, or never stored)") from None
-            raise NotEnoughShards("manifest shards", exc.needed, exc.reachable,
+            # The manifest's shards sit on the object's nodes: to the reader this is the
+            # same loss as of the data shards, so it is worded the same way.
+            raise NotEnoughShards("shards", exc.needed, exc.reachable,
                                   {**failed, **exc.failed}) from None
 
     async def _endpoints(self, manifest: c.Manifest) -> tuple[dict[int, str], dict[int, str]]:
