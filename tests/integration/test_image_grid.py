@@ -114,29 +114,35 @@ async def grid(tmp_path: Path) -> AsyncIterator[LedgerStorage]:
         async with LedgerClient(genesis, [addr], poll_interval_s=0.05) as client:
             await send(client, owner, CHAIN_ID, "twin_register", {"name": "imager", "endpoint": ""})
             await send(client, owner, CHAIN_ID, "farm_create", {"name": "f1", "country": "BE"})
+            # The stores and stand-in agents live in a nursery inside the client's block, so
+            # they are gone before the client closes.
+            async with trio.open_nursery() as agents:
 
-            async def register(i: int, node: StandInNode) -> None:
-                await send(client, node.key, CHAIN_ID, "node_register", {
-                    "farm_id": 1, "capacity": {"cores": 4, "memory": 8 * GIB, "storage": 100 * GIB},
-                    "location": {"country": "BE", "city": "Gent"}, "endpoint": f"127.0.0.1:{i + 1}"})
-                await send(client, node.key, CHAIN_ID, "uptime_report",
-                           {"time_ms": int(time.time() * 1000)})
-                found = await entry(client, keyspace.node_by_key(node.key.public_key))
-                assert found is not None
-                node.node_id = int(found["node"])
+                async def register(i: int, node: StandInNode) -> None:
+                    await send(client, node.key, CHAIN_ID, "node_register", {
+                        "farm_id": 1,
+                        "capacity": {"cores": 4, "memory": 8 * GIB, "storage": 100 * GIB},
+                        "location": {"country": "BE", "city": "Gent"},
+                        "endpoint": f"127.0.0.1:{i + 1}"})
+                    await send(client, node.key, CHAIN_ID, "uptime_report",
+                               {"time_ms": int(time.time() * 1000)})
+                    found = await entry(client, keyspace.node_by_key(node.key.public_key))
+                    assert found is not None
+                    node.node_id = int(found["node"])
 
-                def table(node: StandInNode = node) -> dict[int, w.NamespaceInfo]:
-                    return dict(node.table)
+                    def table(node: StandInNode = node) -> dict[int, w.NamespaceInfo]:
+                        return dict(node.table)
 
-                host, port = await nursery.start(shardstore.serve_shards, node.data_dir, table,
-                                                 CHAIN_ID, "127.0.0.1", 0)
-                node.endpoint = f"{host}:{port}"
-                nursery.start_soon(serve_namespaces, client, node)
+                    host, port = await agents.start(shardstore.serve_shards, node.data_dir, table,
+                                                    CHAIN_ID, "127.0.0.1", 0)
+                    node.endpoint = f"{host}:{port}"
+                    agents.start_soon(serve_namespaces, client, node)
 
-            async with trio.open_nursery() as reg:
-                for i, node in enumerate(nodes):
-                    reg.start_soon(register, i, node)
-            yield LedgerStorage([addr], genesis_path, owner, home)
+                async with trio.open_nursery() as reg:
+                    for i, node in enumerate(nodes):
+                        reg.start_soon(register, i, node)
+                yield LedgerStorage([addr], genesis_path, owner, home)
+                agents.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
