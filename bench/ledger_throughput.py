@@ -391,8 +391,11 @@ async def run_bench(addrs: list[tuple[str, int]], senders: list[KeyPair], txs_pe
         light_key = senders[0]
         conn = await Conn.open(addrs[1 % len(addrs)])
         lats: list[float] = []
+        light = signed_transfers(light_key, range(light_txs), sink)
+        first_block = len(tracker.blocks)
+        cpu_v0 = cpu_seconds(machine.validator_pids)
         start = time.perf_counter()
-        for raw in signed_transfers(light_key, range(light_txs), sink):
+        for raw in light:
             h = hash_bytes(raw)
             t0 = time.perf_counter()
             await conn.call("submit_tx", {"tx": raw})
@@ -400,11 +403,14 @@ async def run_bench(addrs: list[tuple[str, int]], senders: list[KeyPair], txs_pe
                 await tracker.new_commit.wait()
             lats.append(tracker.committed[h] - t0)
         light_s = time.perf_counter() - start
+        cpu_v = cpu_seconds(machine.validator_pids) - cpu_v0
+        blocks = max(1, len(tracker.blocks) - first_block)
         await conn.stream.aclose()
         print(f"light load: 1 sender, {light_txs} txs one at a time: "
               f"{light_txs / light_s:.1f} tx/s committed, latency p50 "
-              f"{percentile(lats, 50) * 1000:.1f} ms  p99 {percentile(lats, 99) * 1000:.1f} ms; "
-              f"{load_average()}")
+              f"{percentile(lats, 50) * 1000:.1f} ms  p99 {percentile(lats, 99) * 1000:.1f} ms")
+        print(f"    {blocks} blocks; validators' CPU {cpu_v / blocks * 1000:.1f} ms per block, "
+              f"all validators together; {load_average()}")
 
         # -- full load: every sender flat out, then paced at half the rate reached ---------
         users = senders[1:]
