@@ -17,7 +17,7 @@ from ledger.codec import hash_bytes
 from ledger.errors import InvalidTx, LocalProtocolError
 from ledger.keys import KeyPair
 from ledger.mempool import Mempool
-from ledger.state import LedgerState
+from ledger.state import _HANDLERS, LedgerState, _Exec, _Overlay
 from ledger.tx import Tx, VerifiedTxs, decode_verified
 from ledger.types import Genesis, ValidatorSet
 
@@ -242,3 +242,34 @@ def test_update_keeps_what_a_full_recheck_keeps(ops: list[tuple[int, str, int, s
         n = result.state.next_nonce(k.public_key)
         mine = [r for r in expected if Tx.decode(r).sender == k.public_key]
         assert pool.pending_nonce(k.public_key, result.state) == n + len(mine)
+
+
+# -- check_tx skips executing transfers ---------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(balance=st.integers(0, 2_000), fee=st.integers(FEE, 600), amount=st.integers(1, 1_500),
+       to_self=st.booleans(), to_new=st.booleans())
+def test_a_transfer_the_balance_covers_never_fails_executing(
+        balance: int, fee: int, amount: int, to_self: bool, to_new: bool) -> None:
+    """What lets check_tx skip executing a transfer: once the balance covers fee + amount, the
+    transfer executes, in check_tx's context and in a block."""
+    s = make_state(balance=balance)
+    to = ALICE.public_key if to_self else (KeyPair.from_seed(b"\x77" * 32).public_key if to_new
+                                           else BOB.public_key)
+    raw = Tx("transfer", ALICE.public_key, 0, fee, {"to": to, "amount": amount}).signed(
+        ALICE, CHAIN).encode()
+    tx = Tx.decode(raw)
+    if balance < fee + amount:
+        with pytest.raises(InvalidTx) as info:
+            s.check_tx(tx)
+        assert info.value.code == "insufficient_funds"
+        return
+    s.check_tx(tx)
+    # the execution check_tx skips, done as check_tx would
+    c = s.counters()
+    ex = _Exec(_Overlay(s.get), s._env, 0, int(c["last_billing_ms"]), check_only=True)
+    ex.credit(tx.sender, -tx.fee)
+    validate, execute = _HANDLERS["transfer"]
+    execute(ex, tx, validate(tx, s._env))
+    assert [o.code for o in s.apply_block(1, 1_000, [raw]).outcomes] == ["ok"]
