@@ -291,7 +291,7 @@ def test_2_four_nodes_down_still_reads_a_fifth_down_fails_cleanly(grid: Grid) ->
     err = one_line_error(grid.run("storage", "get", cap, "-o", str(out), ok=False))
     m = NOT_ENOUGH.search(err)
     assert m is not None, err
-    named = {int(x) for x in re.findall(r"(?:^|, )(\d+): ", m.group(2))}
+    named = {int(x) for x in re.findall(r"(?:^|, )(\d+): ", m.group(1))}
     assert named == {n.id for n in down}, err
     assert list(empty.iterdir()) == []  # no output file, no partial temp file
     grid.shared["down"] = down
