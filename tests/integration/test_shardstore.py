@@ -172,6 +172,39 @@ async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
         assert code(await c.call(w.Get(NS + 1, sid(1)))) is w.ErrorCode.UNKNOWN_NAMESPACE
 
 
+async def test_pipelined_requests_are_answered_in_order(tmp_path: Path,
+                                                       table: dict[int, w.NamespaceInfo]) -> None:
+    """The storage client keeps several requests in flight per connection: the store reads
+    them from its buffer one by one and answers each in turn (no change on its side)."""
+    from threebot.storage.shardclient import ShardConnection, ShardUpload
+
+    big = payload(7, 4 * w.MAX_CHUNK + 999)  # a put and four appends, up to 3 in flight
+    async with running_store(tmp_path, table) as addr:
+        async def tcp(host: str, port: int) -> trio.abc.Stream:
+            return await trio.open_tcp_stream(host, port)
+
+        endpoint = f"{addr[0]}:{addr[1]}"
+        async with await ShardConnection.open(endpoint, tcp, 5.0, 10.0) as conn:
+            up = ShardUpload(conn, OWNER, CHAIN, NS, sid(7), len(big), 1, depth=3)
+            for i in range(0, len(big), 100_000):
+                await up.write(big[i:i + 100_000])
+            assert up.stored == w.Stored(len(big), hash_bytes(big))
+            assert conn.pending == 0
+        async with await ShardConnection.open(endpoint, tcp, 5.0, 10.0) as conn:
+            spans = [(off, min(300_000, len(big) - off)) for off in range(0, len(big), 300_000)]
+            for off, length in spans:
+                await conn.send_request(w.Get(NS, sid(7), off, length))
+            assert conn.pending == len(spans)
+            got = bytearray()
+            for off, _ in spans:
+                resp = await conn.receive_response()
+                assert isinstance(resp, w.Data)
+                assert resp.offset == off
+                got += resp.data
+            assert bytes(got) == big
+            assert await conn.get_object(NS, sid(7), len(big)) == big  # in turn again
+
+
 async def test_unsigned_foreign_and_replayed_writes_are_refused(
         tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
     nonce = Nonces()

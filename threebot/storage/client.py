@@ -10,13 +10,15 @@ shard per node. The capability is returned only once every shard and manifest sh
 stored (a shard whose node failed mid-way is regenerated on a spare node first).
 
 ``get`` finds the manifest through the ledger (the owner's namespaces, see
-:mod:`threebot.storage.grid`), then reads all ``n`` shards in parallel through a window of
-segments: each segment is decoded as soon as any ``k`` verified blocks are in, so slow, dead or
-corrupt nodes are skipped; it writes a temporary file beside the output and renames it only
-when the whole object authenticated.
+:mod:`threebot.storage.grid`), then reads ``k`` shards in parallel through a window of
+segments, starting a spare shard only when one of them fails (dead, corrupt) or a segment waits
+too long for its blocks: each segment is decoded as soon as any ``k`` verified blocks are in, so
+slow, dead or corrupt nodes are skipped; it writes a temporary file beside the output and
+renames it only when the whole object authenticated. Each shard connection keeps ``pipeline``
+requests in flight (ranged gets, and appends on put), which the store answers in order.
 
 Memory is bounded by the window (``window`` segments of blocks), a few segments in the worker
-threads and one frame per connection, whatever the object's size.
+threads and ``pipeline`` frames per connection, whatever the object's size.
 
 Where the manifest lives (why a capability survives repair): manifest shard ``i`` is stored
 in the namespace that holds shard ``i``, under ``manifest_id(storage index, namespace id)``.
@@ -35,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -86,7 +88,9 @@ class Settings:
     """Tunables of the client (defaults fit the design; tests shrink them)."""
 
     params: c.Params = field(default_factory=c.Params)
-    window: int = 16  # segments in flight between the readers and the decoder
+    window: int = 32  # segments in flight between the readers and the decoder
+    pipeline: int = 2  # requests in flight per shard connection (the store answers in order)
+    spare_after_s: float = 1.0  # a get starts a spare shard when a segment waits this long
     workers: int = 2  # threads coding segments (zfec and hashing release the GIL)
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
@@ -281,17 +285,39 @@ class _Fetch:
         ns = entry.placement.ns
         sid = c.shard_id(self._si, shard)
         size = self._m.size
+        settings = self._client.settings
+        depth = max(1, settings.pipeline)
+        bs = self._p.block_size(size, 0)
+        chunk = max(bs, min(w.MAX_CHUNK, settings.window * bs // depth))
+        end = self._p.block_offset(size, self._stop - 1) + self._p.block_size(size, self._stop - 1)
         pages: dict[int, list[bytes]] = {}  # the last page's leaves, for a reader that jumps
+        inflight: deque[tuple[int, int]] = deque()  # ranges asked for, not yet received
         try:
             async with await self._client.connect(self._endpoints[shard]) as conn:
+
+                async def receive() -> bytes:
+                    offset, length = inflight.popleft()
+                    resp = await conn.receive_response()
+                    if not isinstance(resp, w.Data) or resp.offset != offset or len(resp.data) > length:
+                        raise conn.unexpected("get")
+                    if len(resp.data) != length:
+                        raise CorruptRecord(f"shard {shard} is shorter than the manifest says")
+                    return resp.data
+
                 reader: c.BlockReader | None = None
                 while self.position < self._stop:
                     if reader is None or reader.next_segment < self.position:
+                        while inflight:  # answers for segments nobody needs any more
+                            await receive()
                         reader = c.BlockReader(self._p, size, shard, self.position, self._stop)
                     if reader.done:
                         return
                     page = reader.page_needed()
                     if page is not None:
+                        if inflight:  # answers come in order: take them (the reader buffers them)
+                            data = await receive()
+                            self._take(shard, await trio.to_thread.run_sync(reader.feed, data))
+                            continue
                         if page not in pages:
                             raw = await conn.get_object(ns, c.page_id(self._si, shard, page), PAGE_MAX)
                             leaves = await trio.to_thread.run_sync(
@@ -300,18 +326,22 @@ class _Fetch:
                         reader.add_page(page, pages[page])
                         self._take(shard, reader.feed(b""))
                         continue
-                    horizon = min(self._stop, self.position + self._client.settings.window)
-                    limit = min(w.MAX_CHUNK, self._p.block_offset(size, horizon) - reader.requested_to)
-                    if reader.next_segment >= horizon or limit <= 0:
-                        await self._changed.wait()
+                    horizon = min(self._stop, self.position + settings.window)
+                    room = self._p.block_offset(size, horizon) - reader.requested_to
+                    want = min(chunk, end - reader.requested_to)
+                    if len(inflight) < depth and want > 0 and room >= want:
+                        rng = reader.next_range(want)
+                        if rng is not None:
+                            await conn.send_request(w.Get(ns, sid, rng[0], rng[1]))
+                            inflight.append(rng)
+                            continue
+                    if inflight:
+                        data = await receive()
+                        self._take(shard, await trio.to_thread.run_sync(reader.feed, data))
                         continue
-                    rng = reader.next_range(limit)
-                    if rng is None:
+                    if want <= 0:
                         return
-                    data = await conn.get_range(ns, sid, rng[0], rng[1])
-                    if len(data) != rng[1]:
-                        raise CorruptRecord(f"shard {shard} is shorter than the manifest says")
-                    self._take(shard, await trio.to_thread.run_sync(reader.feed, data))
+                    await self._changed.wait()
         except (StorageError, TfgridError) as exc:
             self._fail(shard, _reason(exc))
 
@@ -328,12 +358,27 @@ class _Fetch:
     async def run(self, send: trio.MemorySendChannel[tuple[int, dict[int, bytes]]]) -> None:
         """Send (segment, ``k`` verified blocks) in order, then close ``send``.
 
+        Reads ``k`` shards (the lowest-numbered: the systematic ones decode cheapest) and starts
+        a spare reader only when one of them fails or the next segment waits longer than
+        ``spare_after_s`` for its blocks.
+
         Raises :class:`NotEnoughShards` naming the failed nodes.
         """
         k = self._p.k
+        spare_after = self._client.settings.spare_after_s
+        spares = sorted(self._alive)
+        started: set[int] = set()
         async with send, trio.open_nursery() as nursery:
-            for shard in sorted(self._alive):
-                nursery.start_soon(self._reader, shard)
+
+            def start(count: int) -> None:
+                while count > 0 and spares:
+                    shard = spares.pop(0)
+                    if shard in self._alive:
+                        started.add(shard)
+                        nursery.start_soon(self._reader, shard)
+                        count -= 1
+
+            start(k)
             while self.position < self._stop:
                 s = self.position
                 have = self._blocks.get(s, {})
@@ -346,7 +391,12 @@ class _Fetch:
                 reachable = len(self._alive | set(have))
                 if reachable < k:
                     raise self.not_enough(reachable)
-                await self._changed.wait()
+                start(k - len(started & self._alive))  # replace readers that failed
+                with trio.move_on_after(spare_after) as waited:
+                    await self._changed.wait()
+                missing = k - len(self._blocks.get(s, {}))
+                if waited.cancelled_caught and self.position == s and missing > 0:
+                    start(missing)  # readers are slow (or hang): as many more shards as are missing
             nursery.cancel_scope.cancel()
 
     async def each(self, fn: Callable[[tuple[int, dict[int, bytes]]], R], workers: int,
@@ -588,7 +638,8 @@ class StorageClient:
         coder = c.ErasureCoder(p.k, p.n)
         hasher = c.ShardHasher(p, size)
         failed: dict[int, str] = {}
-        chans = [trio.open_memory_channel[bytes](self.settings.window) for _ in range(p.n)]
+        queue = max(1, self.settings.window // max(1, self.settings.pipeline))
+        chans = [trio.open_memory_channel[bytes](queue) for _ in range(p.n)]
         pchans = [trio.open_memory_channel[c.PageRecord](2) for _ in range(p.n)]
 
         async def segments() -> AsyncIterator[int]:
@@ -626,7 +677,8 @@ class StorageClient:
                 try:
                     async with await self.connect(v.endpoint) as conn:
                         up = ShardUpload(conn, self.key, self.grid.chain_id, v.contract, sid,
-                                         p.shard_bytes(size), self._nonces.next())
+                                         p.shard_bytes(size), self._nonces.next(),
+                                         self.settings.pipeline)
                         async for block in recv:
                             await up.write(block)
                         if not up.complete:
@@ -983,7 +1035,8 @@ class StorageClient:
                     endpoint = v.endpoint
                 conn = await stack.enter_async_context(await self.connect(endpoint))
                 uploads[i] = ShardUpload(conn, self.key, self.grid.chain_id, pl.ns, c.shard_id(si, i),
-                                         p.shard_bytes(size), self._nonces.next())
+                                         p.shard_bytes(size), self._nonces.next(),
+                                         self.settings.pipeline)
                 pconns[i] = await stack.enter_async_context(await self.connect(endpoint))
 
             def rebuild(item: tuple[int, dict[int, bytes]]) -> tuple[int, list[bytes], list[bytes]]:

@@ -1,15 +1,16 @@
 """The client end of the shard-store protocol over trio streams.
 
 A thin driver of :class:`zos_agent.shardwire.ClientConnection` (the one sans-IO module both
-sides share): requests strictly in turn on one connection, every wait bounded by a timeout,
-every failure mapped to :class:`ShardStoreError` with a stable ``code`` (the store's own
-error code, or ``unreachable``, ``timeout``, ``protocol``).
+sides share): requests answered in order on one connection (several may be in flight), every
+wait bounded by a timeout, every failure mapped to :class:`ShardStoreError` with a stable
+``code`` (the store's own error code, or ``unreachable``, ``timeout``, ``protocol``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
@@ -19,7 +20,7 @@ from threebot.storage.errors import ShardStoreError
 from zos_agent import shardwire as w
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
-_RECV = 1 << 16
+_RECV = 1 << 18
 _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
@@ -61,6 +62,7 @@ class ShardConnection:
         self._conn = w.ClientConnection()
         self._timeout_s = timeout_s
         self.broken = False
+        self.pending = 0  # requests sent whose answers have not been received yet
 
     @classmethod
     async def open(cls, endpoint: str, connect: Connector, connect_timeout_s: float,
@@ -90,25 +92,11 @@ class ShardConnection:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def request(self, req: w.Request) -> w.Response:
-        """Send ``req`` and return the (non-error) answer.
-
-        Raises :class:`ShardStoreError`: the store's code when it refused the request, else
-        ``timeout``, ``unreachable`` or ``protocol`` (the connection is then broken).
-        """
-        if self.broken:
-            raise ShardStoreError("unreachable", f"{self.endpoint}: connection already failed")
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map transport and protocol failures to :class:`ShardStoreError` (connection broken)."""
         try:
-            with trio.fail_after(self._timeout_s):
-                await self._stream.send_all(self._conn.send(req))
-                while True:
-                    resp = self._conn.next_response()
-                    if not isinstance(resp, w.NeedData):
-                        break
-                    data = await self._stream.receive_some(_RECV)
-                    if not data:
-                        raise ShardStoreError("unreachable", f"{self.endpoint}: the store closed the connection")
-                    self._conn.receive_data(bytes(data))
+            yield
         except ShardStoreError:
             self.broken = True
             raise
@@ -118,17 +106,62 @@ class ShardConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = True
             raise ShardStoreError("unreachable", f"{self.endpoint}: {exc}") from None
-        except w.ShardProtocolError as exc:
+        except (w.ShardProtocolError, LocalProtocolError) as exc:
             self.broken = True
             raise ShardStoreError("protocol", f"{self.endpoint}: {exc}") from None
-        except LocalProtocolError as exc:
+
+    async def send_request(self, req: w.Request) -> None:
+        """Send ``req`` without waiting for its answer (pipelining): the store answers requests
+        in order, so every request sent must later be matched by one :meth:`receive_response`.
+
+        Raises :class:`ShardStoreError` (``timeout``, ``unreachable``; the connection is then
+        broken).
+        """
+        if self.broken:
+            raise ShardStoreError("unreachable", f"{self.endpoint}: connection already failed")
+        with self._errors(), trio.fail_after(self._timeout_s):
+            await self._stream.send_all(self._conn.send(req))
+        self.pending += 1
+
+    async def receive_response(self) -> w.Response:
+        """The (non-error) answer to the oldest request sent and not yet answered.
+
+        Raises :class:`ShardStoreError`: the store's code when it refused the request (the
+        connection is then broken if the refusal is fatal or other requests are in flight),
+        else ``timeout``, ``unreachable`` or ``protocol`` (the connection is then broken).
+        """
+        if self.broken:
+            raise ShardStoreError("unreachable", f"{self.endpoint}: connection already failed")
+        if self.pending <= 0:
             self.broken = True
-            raise ShardStoreError("protocol", f"{self.endpoint}: {exc}") from None
+            raise ShardStoreError("protocol", f"{self.endpoint}: no request awaits an answer")
+        with self._errors(), trio.fail_after(self._timeout_s):
+            while True:
+                resp = self._conn.next_response()
+                if not isinstance(resp, w.NeedData):
+                    break
+                data = await self._stream.receive_some(_RECV)
+                if not data:
+                    raise ShardStoreError("unreachable", f"{self.endpoint}: the store closed the connection")
+                self._conn.receive_data(bytes(data))
+        self.pending -= 1
         if isinstance(resp, w.Error):
-            if resp.fatal:
+            if resp.fatal or self.pending:
                 self.broken = True
             raise ShardStoreError(resp.code.value, f"{self.endpoint}: {resp.message}")
         return resp
+
+    async def request(self, req: w.Request) -> w.Response:
+        """Send ``req`` and return the (non-error) answer (no other request may be in flight).
+
+        Raises :class:`ShardStoreError`: the store's code when it refused the request, else
+        ``timeout``, ``unreachable`` or ``protocol`` (the connection is then broken).
+        """
+        if self.pending:
+            self.broken = True
+            raise ShardStoreError("protocol", f"{self.endpoint}: a request while others are in flight")
+        await self.send_request(req)
+        return await self.receive_response()
 
     async def get_object(self, ns: int, shard_id: bytes, max_size: int) -> bytes:
         """A whole stored object of at most ``max_size`` bytes, by ranged gets."""
@@ -194,10 +227,12 @@ class ShardConnection:
 
 class ShardUpload:
     """A streaming upload of one ``size``-byte shard on a connection of its own: a signed put
-    carrying the first MAX_CHUNK bytes, then appends. Bytes are buffered up to one frame."""
+    carrying the first MAX_CHUNK bytes, then appends, up to ``depth`` frames in flight (the
+    store answers them in order, so it writes one while the next is on the wire). Bytes are
+    buffered up to one frame."""
 
     def __init__(self, conn: ShardConnection, key: keys.KeyPair, chain_id: str, ns: int,
-                 shard_id: bytes, size: int, nonce: int) -> None:
+                 shard_id: bytes, size: int, nonce: int, depth: int = 2) -> None:
         self._conn = conn
         self._key = key
         self._chain_id = chain_id
@@ -205,31 +240,45 @@ class ShardUpload:
         self._sid = shard_id
         self._size = size
         self._nonce = nonce
+        self._depth = max(1, depth)
         self._sent = 0
         self._buf = bytearray()
         self.stored: w.Stored | None = None
 
     async def write(self, data: bytes) -> None:
         """Queue ``data``; sends full frames. Raises :class:`ShardStoreError`."""
-        self._buf += data
-        if self._sent + len(self._buf) > self._size:
+        if self._sent + len(self._buf) + len(data) > self._size:
             raise ShardStoreError("protocol", f"shard upload overran its {self._size} bytes")
+        self._buf += data
         while len(self._buf) >= w.MAX_CHUNK:
             await self._send(w.MAX_CHUNK)
         if self._sent + len(self._buf) == self._size and (self._buf or self._sent == 0):
             await self._send(len(self._buf))
 
     async def _send(self, n: int) -> None:
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
+        if n == len(self._buf):
+            chunk = bytes(self._buf)
+            self._buf.clear()
+        else:
+            chunk = bytes(memoryview(self._buf)[:n])
+            del self._buf[:n]
+        while self._conn.pending >= self._depth:
+            await self._ack()
         if self._sent == 0:
             req: w.Request = w.make_put(self._key, self._chain_id, self._ns, self._sid,
                                         self._size, chunk, self._nonce)
         else:
             req = w.Append(self._ns, self._sid, self._sent, chunk)
-        resp = await self._conn.request(req)
-        self._sent += len(chunk)
-        last = self._sent == self._size
+        del chunk
+        await self._conn.send_request(req)
+        self._sent += n
+        if self._sent == self._size:
+            while self._conn.pending:
+                await self._ack()
+
+    async def _ack(self) -> None:
+        resp = await self._conn.receive_response()
+        last = self._sent == self._size and self._conn.pending == 0
         if last and isinstance(resp, w.Stored) and resp.size == self._size:
             self.stored = resp
         elif last or not isinstance(resp, w.Accepted):
