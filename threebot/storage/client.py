@@ -88,7 +88,7 @@ class Settings:
     """Tunables of the client (defaults fit the design; tests shrink them)."""
 
     params: c.Params = field(default_factory=c.Params)
-    window: int = 32  # segments in flight between the readers and the decoder
+    window: int = 16  # segments in flight between the readers and the decoder
     pipeline: int = 2  # requests in flight per shard connection (the store answers in order)
     spare_after_s: float = 1.0  # a get starts a spare shard when a segment waits this long
     workers: int = 2  # threads coding segments (zfec and hashing release the GIL)
