@@ -357,13 +357,13 @@ async def run_load(name: str, addrs: list[tuple[str, int]], batches: list[list[b
         per_tx = cpu_v / len(done)
         # Flat out, the validators are busy all the time: their CPU time per tx tells what
         # the machine's cores would commit if nothing else ran (an extrapolation: contention
-        # itself costs CPU time too). Paced, they make more and smaller blocks instead.
-        estimate = (f"{machine.cpus} cores given to the validators alone would commit about "
-                    f"{machine.cpus / per_tx:,.0f} tx/s" if rate is None
-                    else "not saturated: more, smaller blocks")
+        # itself costs CPU time too). Paced, blocks are smaller and each request and gossip
+        # frame carries fewer txs, so a tx costs more.
+        estimate = (f"; {machine.cpus} cores given to the validators alone would commit about "
+                    f"{machine.cpus / per_tx:,.0f} tx/s" if rate is None else "")
         print(f"    validators' CPU {per_tx * 1e6:6.0f} us per committed tx, all validators "
-              f"together (clients {cpu_c / len(done) * 1e6:.0f} us): {estimate}; "
-              f"{load_average()}")
+              f"together, {cpu_v / (end - start):.1f} cores busy (clients "
+              f"{cpu_c / len(done) * 1e6:.0f} us){estimate}; {load_average()}")
     if tracker.refused:
         print(f"    refused: {tracker.refused}")
     if len(done) < len(accepted):
