@@ -50,7 +50,7 @@ FARMER_FUNDS = 1_000_000_000
 AGENT_CONFIG = "agent.json"
 AGENT_LOG = "agent.log"
 UPTIME_INTERVAL_S = 10.0  # devnet nodes are "down" 30 s after their last report
-RECONCILE_INTERVAL_S = 2.0
+RECONCILE_INTERVAL_S = 4.0  # full passes (runtime included); blocks only trigger a ledger check
 SUBNET_BASE = "10.213"  # zos_agent.network's default base: <base>.<subnet index>.0/24
 MACHINE_SHARE_PERCENT = 80
 # Farms go to different countries, in this order (then the list repeats).

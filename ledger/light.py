@@ -114,6 +114,10 @@ class LightState:
         :class:`ConflictingHeaders` (a fork: never retry).
         """
         self.verify_commit(header, commit)
+        self._accept(header, latest=latest)
+
+    def _accept(self, header: Header, *, latest: bool) -> None:
+        """Remember a header whose commit verified (conflict and freshness checks first)."""
         # Conflicts are checked before staleness: a certified fork must surface loudly even
         # when the header is also old.
         self._check_conflicts(header)
@@ -134,7 +138,7 @@ class LightState:
                 raise VerificationError("block last commit is not for the previous height")
             if lc.block_hash != block.header.prev_hash:
                 raise VerificationError("block last commit does not certify its parent")
-        self.verify_header(block.header, commit, latest=latest)
+        self._accept(block.header, latest=latest)  # its commit verified above: not twice
 
     def verify_state(
         self, header: Header, key: bytes, value: bytes | None, proof: Proof

@@ -11,6 +11,10 @@ Tasks (one nursery, :meth:`Agent.run`):
 - ``_reconcile_loop``: runtime.list() + proven contracts -> :func:`reconcile` -> actions,
   executed one by one, the memory file rewritten after each, so a kill -9 at any instant
   leaves a state the next start reconciles from (runtime operations are idempotent).
+  A pass woken by a new block first reads the ledger only; if the node's contract views are
+  what the last full pass saw, it stops there (most blocks carry other nodes' uptime reports).
+  Full passes (runtime included) still run at least every ``reconcile_interval_s``, right
+  after a pass that acted, and whenever :meth:`Agent.kick` is called.
 
 Clocks: loop intervals and timeouts use trio's clock; the reconcile core gets wall-clock
 milliseconds (``clock_ms``) because the backoff times it keeps in the memory file must stay
@@ -110,6 +114,7 @@ class MemoryFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._saved: bytes | None = None  # what this process last wrote there
 
     def load(self) -> ReconcileMemory:
         try:
@@ -129,6 +134,8 @@ class MemoryFile:
     def save(self, memory: ReconcileMemory) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         data = memory.to_json().encode()
+        if data == self._saved:
+            return  # unchanged since our last write: no rewrite (and no fsync) per pass
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
@@ -136,6 +143,7 @@ class MemoryFile:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        self._saved = data
 
 
 class TxSender:
@@ -224,7 +232,13 @@ class Agent:
         self.registered_capacity: Capacity | None = None
         self.sender = TxSender(client, key, genesis.chain_id, PARAM_DEFAULTS["min_fee"])
         self._kick = trio.Event()
+        self._full_wanted = True  # the next pass must observe the runtime too
+        # What the last full pass read (``also`` set, views): a block-woken pass that reads
+        # the same views has nothing new to act on.
+        self._last_ledger: tuple[set[int], dict[int, ContractView]] | None = None
+        self._last_observed: set[str] = set()
         self.passes = 0
+        self.ledger_only_passes = 0
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -348,7 +362,7 @@ class Agent:
                 async with aclosing(gen) as headers:
                     async for header in headers:
                         log.debug("block %d", header.height)
-                        self.kick()
+                        self._kick.set()  # a ledger check; a full pass only if views changed
                         delay = RETRY_MIN_S
             except ConflictingHeaders:
                 log.critical("the ledger's validators forked: two certified blocks at one "
@@ -360,41 +374,70 @@ class Agent:
             delay = min(delay * 2, RETRY_MAX_S)
 
     def kick(self) -> None:
-        """Run a reconcile pass as soon as possible."""
+        """Run a full reconcile pass (runtime and ledger) as soon as possible."""
+        self._full_wanted = True
         self._kick.set()
 
     async def _reconcile_loop(self) -> None:
-        timeout = 0.0
+        full_at = trio.current_time()  # when the next full pass is due
         while True:
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(full_at):
                 await self._kick.wait()
             self._kick = trio.Event()
-            timeout = self.cfg.reconcile_interval_s
+            now = trio.current_time()
+            full = self._full_wanted or now >= full_at
+            self._full_wanted = False
             try:
-                plan = await self.reconcile_once()
+                plan = await self.reconcile_once(full=full)
             except ConflictingHeaders:
                 raise
             except TRANSIENT as exc:
                 log.warning("reconcile pass skipped: %s", exc)
+                full_at = now + self.cfg.reconcile_interval_s
                 continue
+            if plan is None:
+                continue  # a block changed nothing this node runs: the full pass stays due
+            full_at = now + self.cfg.reconcile_interval_s
             if any(not isinstance(a, Report) for a in plan.actions):
-                timeout = 0.0  # look again right away: the runtime changed
+                full_at = now  # look again right away: the runtime changed
             elif plan.wake_at_ms is not None:
-                timeout = min(timeout, max(0.0, (plan.wake_at_ms - self.clock_ms()) / 1000))
+                full_at = min(full_at,
+                              now + max(0.0, (plan.wake_at_ms - self.clock_ms()) / 1000))
 
-    async def reconcile_once(self) -> Plan:
-        """One pass: observe, read the ledger, decide, act. Returns the plan it executed."""
-        if self.node_id is None:
-            raise AgentError("the node is not registered")
-        started = trio.current_time()
-        states = await self.runtime.list()
-        observed = {wid: Observed(wid, s.status, s.spec_hash, s.exit_code)
-                    for wid, s in states.items()}
+    def _also(self, observed: set[str]) -> set[int]:
         also = self.memory.contract_ids()
         also |= {p[0] for p in map(parse_workload_id, observed) if p is not None}
         if self.shards is not None:
             also |= self.shards.on_disk()
-        views = await self.follower.views(self.node_id, also)
+        return also
+
+    async def reconcile_once(self, *, full: bool = True) -> Plan | None:
+        """One pass: observe, read the ledger, decide, act. Returns the plan it executed.
+
+        With ``full=False`` (a new block) the ledger is read first, and if this node's views
+        are the ones the last full pass read, the pass ends there and returns None.
+        """
+        if self.node_id is None:
+            raise AgentError("the node is not registered")
+        started = trio.current_time()
+        early: tuple[set[int], dict[int, ContractView]] | None = None
+        if not full and self._last_ledger is not None:
+            also = self._also(self._last_observed)
+            views = await self.follower.views(self.node_id, also)
+            if (also, views) == self._last_ledger:
+                self.ledger_only_passes += 1
+                return None
+            early = (also, views)
+        states = await self.runtime.list()
+        observed = {wid: Observed(wid, s.status, s.spec_hash, s.exit_code)
+                    for wid, s in states.items()}
+        also = self._also(set(observed))
+        if early is not None and early[0] == also:
+            views = early[1]
+        else:
+            views = await self.follower.views(self.node_id, also)
+        self._last_ledger = (also, views)
+        self._last_observed = set(observed)
         ns_results = await self._namespaces(views)
         plan = reconcile(views, observed, self.memory, self.clock_ms(), ns_results)
         self._remember(plan.memory)

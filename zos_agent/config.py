@@ -9,7 +9,7 @@ Example ``zos-agent.toml`` (paths are relative to the file's directory)::
     reserve_percent = 10          # share of cores, memory and disk kept for the system
     uptime_interval_s = 60        # uptime reports
     capacity_interval_s = 300     # re-measure capacity; node_update when it changed
-    reconcile_interval_s = 5      # reconcile at least this often (and on every new block)
+    reconcile_interval_s = 5      # full reconcile at least this often (blocks: ledger check)
     country = "BE"                # node location registered on the ledger
     city = "Ghent"
     host_address = "127.0.0.1"    # where published container ports are reachable

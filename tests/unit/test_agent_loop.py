@@ -261,3 +261,53 @@ async def test_capacity_changes_are_re_reported_once(
     assert tx.type == "node_update"
     assert tx.body == {"capacity": {"cores": 3, "memory": 1 << 30, "storage": 10 << 30}}
     assert agent.registered_capacity == measured[0]
+
+
+async def test_block_woken_passes_skip_the_runtime_while_the_ledger_is_unchanged(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    client, runtime = FakeClient(), FakeRuntime()
+    lists: list[float] = []
+    real_list = runtime.list
+
+    async def counting_list() -> dict[str, ContainerState]:
+        lists.append(trio.current_time())
+        return await real_list()
+
+    runtime.list = counting_list  # type: ignore[method-assign]
+    follower = FakeFollower({})
+    agent = make_agent(tmp_path, client, follower, runtime, [0])
+    assert agent.cfg.reconcile_interval_s == 5.0
+    # A block before any full pass: the pass is a full one.
+    assert await agent.reconcile_once(full=False) is not None
+    assert len(lists) == 1
+    # Same views: the block-woken pass stops after the ledger read.
+    assert await agent.reconcile_once(full=False) is None
+    assert len(lists) == 1
+    assert agent.ledger_only_passes == 1
+    # A new contract for this node: the same pass goes on and acts.
+    follower.views_ = {1: ContractView(1, 1, "created", ("w",), (desired(),))}
+    plan = await agent.reconcile_once(full=False)
+    assert plan is not None
+    assert runtime.calls == [("create", "c1-w")]
+    assert len(lists) == 2
+
+    # The loop with a block every 0.5 s: full passes still come every reconcile interval,
+    # so a crashed container is seen (and restarted) without waiting for a ledger change.
+    async def blocks() -> None:
+        while True:
+            await trio.sleep(0.5)
+            agent._kick.set()
+
+    agent.clock_ms = lambda: int(trio.current_time() * 1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent._reconcile_loop)
+        nursery.start_soon(blocks)
+        await trio.sleep(1)
+        lists.clear()
+        await trio.sleep(20.2)
+        assert 4 <= len(lists) <= 5  # one full pass per 5 s, not one per block (40 blocks)
+        runtime.containers["c1-w"] = ContainerState(
+            "c1-w", "stopped", 0, runtime.containers["c1-w"].spec_hash, 1)
+        await trio.sleep(5 + 2 * BACKOFF_BASE_MS / 1000)
+        nursery.cancel_scope.cancel()
+    assert runtime.calls.count(("restart", "c1-w")) == 1
