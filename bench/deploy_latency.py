@@ -242,7 +242,7 @@ def main() -> None:
                "--farms", str(min(3, args.nodes)), "--dir", str(devnet), "--timeout", "120")
         up_s = time.perf_counter() - t
         tfgrid(devnet, "twin", "register", "bench")
-        pushed = tfgrid(devnet, "image", "push", str(rootfs))
+        pushed = tfgrid(devnet, "image", "push", "--local", str(rootfs))
         assert pushed["image"] == image
         interval = trio.run(_block_interval, devnet)
         print(f"machine: {os.cpu_count()} cpus; devnet of 4 validators and {args.nodes} node "
