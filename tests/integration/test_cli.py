@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ledger.config import read_genesis
 from ledger.state import Params
+from tests.integration.clirunner import Result, run_tfgrid
 
 pytestmark = pytest.mark.slow
 
@@ -29,32 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_S = 120.0
 
 
-def _tfgrid_argv() -> list[str]:
-    script = Path(sys.executable).parent / "tfgrid"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
 def tfgrid(home: Path, *args: str, ok: bool = True) -> Result:
     """Run `tfgrid --home HOME ARGS...`; with ``ok`` the command must succeed."""
-    env = {k: v for k, v in os.environ.items() if k != "TFGRID_HOME"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([*_tfgrid_argv(), "--home", str(home), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                          stdin=subprocess.DEVNULL, check=False)
-    result = Result(proc.returncode, proc.stdout, proc.stderr)
-    if ok:
-        assert result.code == 0, f"tfgrid {' '.join(args)} failed: {result.stderr}"
-    return result
+    return run_tfgrid(home, *args, ok=ok, timeout_s=COMMAND_TIMEOUT_S)
 
 
 def _recorded_pids(devnet_dir: Path) -> list[tuple[int, int]]:

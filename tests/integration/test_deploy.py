@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from cli.home import Home
 from ledger import keyspace
 from ledger.client import LedgerClient
 from ledger.codec import pack
+from tests.integration.clirunner import Result, run_tfgrid, tfgrid_argv
 from zos_agent.images import build_busybox_rootfs
 
 pytestmark = [
@@ -45,32 +45,9 @@ WAIT_S = 60.0
 MIB = 1 << 20
 
 
-def _tfgrid_argv() -> list[str]:
-    script = Path(sys.executable).parent / "tfgrid"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
 def tfgrid(home: Path, *args: str, ok: bool = True) -> Result:
     """Run `tfgrid --home HOME ARGS...`; with ``ok`` the command must succeed."""
-    env = {k: v for k, v in os.environ.items() if k != "TFGRID_HOME"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([*_tfgrid_argv(), "--home", str(home), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                          stdin=subprocess.DEVNULL, check=False)
-    result = Result(proc.returncode, proc.stdout, proc.stderr)
-    if ok:
-        assert result.code == 0, f"tfgrid {' '.join(args)} failed: {result.stderr}"
-    return result
+    return run_tfgrid(home, *args, ok=ok, timeout_s=COMMAND_TIMEOUT_S)
 
 
 def one_line_error(result: Result) -> str:
@@ -432,7 +409,7 @@ def test_node_run_registers_a_node_of_ones_own(grid: Grid) -> None:
     err_log = grid.base / "node-run.err"
     with open(err_log, "wb") as err:
         proc = subprocess.Popen(
-            [*_tfgrid_argv(), "--home", str(grid.home), "node", "run", "--farm", str(farm["id"]),
+            [*tfgrid_argv(), "--home", str(grid.home), "node", "run", "--farm", str(farm["id"]),
              "--data-dir", str(grid.base / "own-node"), "--country", "NL", "--city", "Delft",
              "--agent-id", agent_id, "--subnet-index", str(subnet)],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)

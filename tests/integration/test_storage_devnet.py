@@ -30,8 +30,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ import trio
 from cli.home import Home
 from ledger.codec import hash_bytes
 from ledger.keys import KeyPair
+from tests.integration.clirunner import Result, run_tfgrid
 from zos_agent import shardwire as w
 
 pytestmark = pytest.mark.slow
@@ -63,32 +62,9 @@ SHARD_FILE = re.compile(r"[0-9a-f]{64}")
 # -- the command line ------------------------------------------------------------------------------
 
 
-def _tfgrid_argv() -> list[str]:
-    script = Path(sys.executable).parent / "tfgrid"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli.main"]
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
 def tfgrid(home: Path, *args: str, ok: bool = True) -> Result:
     """`tfgrid --home HOME ARGS...` as a user runs it; with ``ok`` it must succeed."""
-    env = {k: v for k, v in os.environ.items() if k != "TFGRID_HOME"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([*_tfgrid_argv(), "--home", str(home), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                          stdin=subprocess.DEVNULL, check=False)
-    result = Result(proc.returncode, proc.stdout, proc.stderr)
-    if ok:
-        assert result.code == 0, f"tfgrid {' '.join(args)} failed: {result.stderr}"
-    return result
+    return run_tfgrid(home, *args, ok=ok, timeout_s=COMMAND_TIMEOUT_S)
 
 
 def one_line_error(result: Result) -> str:
