@@ -271,7 +271,7 @@ class _Fetch:
         self._first = first
         self._stop = self._p.segment_count(manifest.size) if stop is None else stop
         self.position = first
-        self._blocks: dict[int, dict[int, bytes]] = {}
+        self._blocks: dict[int, dict[int, c.Block]] = {}
         self._changed = _Changed()
         self._alive = set(endpoints) - set(self.failed)
 
@@ -345,7 +345,7 @@ class _Fetch:
         except (StorageError, TfgridError) as exc:
             self._fail(shard, _reason(exc))
 
-    def _take(self, shard: int, got: list[tuple[int, bytes]]) -> None:
+    def _take(self, shard: int, got: list[tuple[int, c.Block]]) -> None:
         k = self._p.k
         for s, block in got:
             if s >= self.position:
@@ -355,7 +355,7 @@ class _Fetch:
         if got:
             self._changed.notify()
 
-    async def run(self, send: trio.MemorySendChannel[tuple[int, dict[int, bytes]]]) -> None:
+    async def run(self, send: trio.MemorySendChannel[tuple[int, dict[int, c.Block]]]) -> None:
         """Send (segment, ``k`` verified blocks) in order, then close ``send``.
 
         Reads ``k`` shards (the lowest-numbered: the systematic ones decode cheapest) and starts
@@ -399,10 +399,10 @@ class _Fetch:
                     start(missing)  # readers are slow (or hang): as many more shards as are missing
             nursery.cancel_scope.cancel()
 
-    async def each(self, fn: Callable[[tuple[int, dict[int, bytes]]], R], workers: int,
+    async def each(self, fn: Callable[[tuple[int, dict[int, c.Block]]], R], workers: int,
                    sink: Callable[[R], Awaitable[None]]) -> None:
         """``sink(fn(segment))`` for every segment in order (``fn`` in worker threads)."""
-        send, recv = trio.open_memory_channel[tuple[int, dict[int, bytes]]](0)
+        send, recv = trio.open_memory_channel[tuple[int, dict[int, c.Block]]](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run, send)
             await ordered_map(recv, fn, workers, sink)
@@ -638,8 +638,14 @@ class StorageClient:
         coder = c.ErasureCoder(p.k, p.n)
         hasher = c.ShardHasher(p, size)
         failed: dict[int, str] = {}
-        queue = max(1, self.settings.window // max(1, self.settings.pipeline))
-        chans = [trio.open_memory_channel[bytes](queue) for _ in range(p.n)]
+        # Blocks go to the shard tasks in batches of about one frame (16 blocks of 1 MiB
+        # segments), one channel item per shard per frame rather than per block. A batch holds
+        # views into its segments' ciphertext, so in flight per shard are: one batch queued,
+        # one being written and ``pipeline`` frames on the wire.
+        batch_bytes = w.MAX_CHUNK
+        chans = [trio.open_memory_channel[list[c.Block]](1) for _ in range(p.n)]
+        batches: list[list[c.Block]] = [[] for _ in range(p.n)]
+        batched = 0
         pchans = [trio.open_memory_channel[c.PageRecord](2) for _ in range(p.n)]
 
         async def segments() -> AsyncIterator[int]:
@@ -662,10 +668,16 @@ class StorageClient:
                                       {str(placed[i].node): why for i, why in failed.items()})
 
         async def fan_out(seg: c.EncodedSegment) -> None:
+            nonlocal batches, batched
             give_up_if_lost()
-            pages = await trio.to_thread.run_sync(hasher.add, seg)
+            pages = hasher.add(seg)  # 20 leaves: cheap; a page is packed once per 16 GiB
             for i in range(p.n):
-                await chans[i][0].send(seg.blocks[i])
+                batches[i].append(seg.blocks[i])
+            batched += len(seg.blocks[0])
+            if batched >= batch_bytes or seg.index == count - 1:
+                full, batches, batched = batches, [[] for _ in range(p.n)], 0
+                for i in range(p.n):
+                    await chans[i][0].send(full[i])
             for rec in pages:
                 await pchans[rec.shard][0].send(rec)
 
@@ -679,8 +691,9 @@ class StorageClient:
                         up = ShardUpload(conn, self.key, self.grid.chain_id, v.contract, sid,
                                          p.shard_bytes(size), self._nonces.next(),
                                          self.settings.pipeline)
-                        async for block in recv:
-                            await up.write(block)
+                        async for batch in recv:
+                            for block in batch:
+                                await up.write(block)
                         if not up.complete:
                             raise ShardStoreError("protocol", "the shard upload did not complete")
                 except (StorageError, TfgridError) as exc:
@@ -863,7 +876,7 @@ class StorageClient:
             raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
         done = False
         try:
-            def decode(item: tuple[int, dict[int, bytes]]) -> bytes:
+            def decode(item: tuple[int, dict[int, c.Block]]) -> bytes:
                 s, blocks = item
                 return c.decode_segment(cipher, coder, p, m.size, s, blocks)
 
@@ -1039,13 +1052,13 @@ class StorageClient:
                                          self.settings.pipeline)
                 pconns[i] = await stack.enter_async_context(await self.connect(endpoint))
 
-            def rebuild(item: tuple[int, dict[int, bytes]]) -> tuple[int, list[bytes], list[bytes]]:
+            def rebuild(item: tuple[int, dict[int, c.Block]]) -> tuple[int, list[c.Block], list[bytes]]:
                 s, blocks = item
                 ciphertext = coder.decode(blocks, p.cipher_len(size, s))
                 new = coder.encode_some(ciphertext, wanted)
                 return s, new, [c.leaf_hash(b) for b in new]
 
-            async def send(result: tuple[int, list[bytes], list[bytes]]) -> None:
+            async def send(result: tuple[int, list[c.Block], list[bytes]]) -> None:
                 s, blocks, hashes = result
                 for i, block, leaf in zip(wanted, blocks, hashes, strict=True):
                     await uploads[i].write(block)
