@@ -1,4 +1,5 @@
-"""The shard-store wire protocol (sans-IO): messages, signing, replay protection, framing.
+"""The shard-store wire protocol (sans-IO): messages, signing, replay protection, framing,
+and the shard content hash.
 
 This is the one module of ``zos_agent`` that ``threebot`` may import (design section 1): the
 store (:mod:`zos_agent.shardstore`) and the storage client both speak through it. It does no
@@ -6,10 +7,28 @@ I/O; the trio drivers own the sockets and files.
 
 Transport
 ---------
-TCP, frames from :mod:`ledger.wire` (4-byte big-endian length + canonical msgpack map), at
-most :data:`MAX_FRAME` bytes per frame in both directions. A frame above that is a remote
-protocol error: the store answers ``too_large`` and closes that connection only. Requests and
-responses strictly alternate per connection (a client may pipeline; answers come in order).
+TCP. Protocol version 2 frames carry bulk data outside msgpack, so that neither end copies a
+chunk into or out of an encoded map::
+
+    0   header length H  u32 big-endian (1..MAX_HEADER)
+    4   payload length P u32 big-endian (0..MAX_CHUNK)
+    8   H bytes: the header, a canonical msgpack map (the message's fields)
+    8+H P bytes: the payload, raw (the ``data`` of put, append and the ``data`` answer)
+
+Both lengths are checked on the 8-byte prefix, before any body byte is buffered: a header
+above :data:`MAX_HEADER` or a payload above :data:`MAX_CHUNK` is a remote protocol error; the
+store answers ``too_large`` and closes that connection only. Every message other than put,
+append and ``data`` has ``P = 0`` (else ``malformed``). So a frame is at most
+:data:`MAX_FRAME` bytes. Requests and responses strictly alternate per connection (a client
+may pipeline; answers come in order).
+
+The sans-IO connections give the encoded frame in two parts, ``(head, payload)`` with
+``head`` = prefix + header and ``payload`` the caller's buffer untouched
+(:meth:`ClientConnection.send_parts`, :meth:`ServerConnection.send_parts`): a driver sends
+``head`` then, if not empty, ``payload``. On receipt the payload is copied at most once
+(joined from the received chunks; taken as it is when it arrived as one chunk), and
+:attr:`ClientConnection.needed` / :attr:`ServerConnection.needed` say how many bytes the frame
+being read still lacks, so a driver can ask the socket for that much.
 
 Chunking (why frames are small although shards are not)
 -------------------------------------------------------
@@ -30,29 +49,40 @@ more than ~1 MiB, and shards up to :data:`MAX_SHARD_SIZE` fit:
   carries the shard's total ``size`` and ``hash``; a read past the end returns fewer (or no)
   bytes. Reads aligned to :data:`BLOCK_SIZE` touch the fewest stored blocks.
 
-Requests (every request also has ``"v": 1``)
---------------------------------------------
+Content hash
+------------
+A shard's ``hash`` (in ``put``, ``append``, ``stored``, ``data``, ``verified`` and the store's
+file header) is :func:`content_hash`: the data is cut into :data:`BLOCK_SIZE` blocks (the last
+one shorter; none for an empty shard), each block is hashed with BLAKE3-256, and the shard
+hash is BLAKE3-256 of ``CONTENT_DOMAIN || size u64be || block size u32be || block hashes``.
+The store keeps the block hashes (it checks every block it reads against its own), so the
+data is hashed once, block by block, whether it arrives in one piece or in chunks
+(:class:`ContentHasher` does it incrementally).
+
+Requests (every request's header also has ``"v": 2``)
+-----------------------------------------------------
 ==========  =======================================================================================
-op          fields
+op          header fields; payload
 ==========  =======================================================================================
 put         ns:int, shard_id:bytes32, size:int, hash:bytes (32 or empty), nonce:int, owner:bytes32,
-            sig:bytes64, data:bytes (the first chunk: ``min(size, MAX_CHUNK)`` bytes)
-append      ns, shard_id, offset:int, data:bytes (1..MAX_CHUNK), hash:bytes (32 or empty; checked
-            against the whole shard when this chunk completes it)
+            sig:bytes64; payload: the first chunk, ``min(size, MAX_CHUNK)`` bytes
+append      ns, shard_id, offset:int, hash:bytes (32 or empty; checked against the whole shard
+            when this chunk completes it); payload: the chunk (1..MAX_CHUNK bytes)
 get         ns, shard_id, offset:int, length:int (0..MAX_CHUNK)
 delete      ns, shard_id, nonce, owner, sig
 stat        ns
 verify      ns, shard_id  (the store re-hashes the whole shard; no data is sent)
 ==========  =======================================================================================
 
-Responses: ``{"v": 1, "ok": True, "r": kind, ...}`` or ``{"v": 1, "ok": False, "code", "message"}``.
+Responses: header ``{"v": 2, "ok": True, "r": kind, ...}`` or
+``{"v": 2, "ok": False, "code", "message"}``.
 
 ==========  ==================================================  ===============================
-r           fields                                              answers
+r           header fields; payload                              answers
 ==========  ==================================================  ===============================
 accepted    received:int (bytes of the upload so far)           a put/append that is not last
-stored      size, hash (BLAKE2b-256 of the whole shard)         the put/append that completed it
-data        size, hash, offset, data                            get
+stored      size, hash (:func:`content_hash` of the shard)      the put/append that completed it
+data        size, hash, offset; payload: the bytes read         get
 deleted     freed:int (bytes of quota released)                 delete
 stat        used, quota, count                                  stat
 verified    size, hash                                          verify
@@ -60,13 +90,14 @@ verified    size, hash                                          verify
 
 Signed bytes (writes and deletes)
 ---------------------------------
-``ledger.codec.signing_bytes("tfgrid/shard/v1", chain_id, [op, ns, shard_id, size, hash, nonce])``
+``ledger.codec.signing_bytes("tfgrid/shard/v2", chain_id, [op, ns, shard_id, size, hash, nonce])``
 signed with the namespace owner's ed25519 key (the contract's ``owner_key``); a delete signs
-``size = 0`` and ``hash = b""``. The contract id ``ns`` names exactly one node's namespace and
-the chain id one grid, so a signature cannot be replayed on another node or chain. A ``put``
-that signs the shard's hash binds the content to the owner (the store refuses to commit other
-bytes: ``bad_hash``); a streaming client that cannot know the hash before sending signs
-``b""`` and checks the ``hash`` in the ``stored`` answer (and its own Merkle roots on read).
+``size = 0`` and ``hash = b""``. The data itself is not signed (a put that signs the shard's
+hash binds it). The contract id ``ns`` names exactly one node's namespace and the chain id one
+grid, so a signature cannot be replayed on another node or chain. A ``put`` that signs the
+shard's hash binds the content to the owner (the store refuses to commit other bytes:
+``bad_hash``); a streaming client that cannot know the hash before sending signs ``b""`` and
+checks the ``hash`` in the ``stored`` answer (and its own Merkle roots on read).
 
 Replay protection
 -----------------
@@ -93,34 +124,56 @@ commits.
 from __future__ import annotations
 
 import enum
+import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
+import blake3
+
 from ledger import keys
-from ledger.codec import HASH_SIZE, hash_bytes, signing_bytes
+from ledger.codec import HASH_SIZE, pack, signing_bytes, unpack
 from ledger.errors import (
     BadSignature,
-    FrameTooLarge,
     LocalProtocolError,
     MalformedFrame,
     RemoteProtocolError,
     TfgridError,
 )
 from ledger.wire import NEED_DATA as NEED_DATA
-from ledger.wire import FrameDecoder, encode_frame
 from ledger.wire import NeedData as NeedData
 
-PROTOCOL_VERSION: Final = 1
-SIGN_DOMAIN: Final = "tfgrid/shard/v1"
+PROTOCOL_VERSION: Final = 2
+SIGN_DOMAIN: Final = "tfgrid/shard/v2"
+CONTENT_DOMAIN: Final = b"tfgrid/shard/content/v1\x00"
 SHARD_ID_SIZE: Final = 32
 MAX_CHUNK: Final = 1 << 20
-# Room for every field of a put next to a full chunk (ids, hash, key, signature, map keys).
-MAX_FRAME: Final = MAX_CHUNK + 4096
+# Room for every field of a put (ids, hash, key, signature, map keys) several times over.
+MAX_HEADER: Final = 4096
+_PREFIX: Final = struct.Struct(">II")  # header length, payload length
+PREFIX_SIZE: Final = _PREFIX.size
+# The largest frame either side may send: prefix, header and a full chunk.
+MAX_FRAME: Final = PREFIX_SIZE + MAX_HEADER + MAX_CHUNK
 MAX_SHARD_SIZE: Final = 1 << 32
 BLOCK_SIZE: Final = 256 * 1024
 REPLAY_WINDOW: Final = 1024
 MAX_NONCE: Final = (1 << 63) - 1
 _MAX_MESSAGE: Final = 256
+
+Bytes = bytes | bytearray | memoryview
+"""What the sending side accepts as data: any bytes-like buffer (sent without a copy)."""
+
+
+def nbytes(data: Bytes) -> int:
+    """The length in bytes of a bytes-like buffer."""
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
+def _flat(data: Bytes) -> Bytes:
+    """``data`` as a flat byte buffer (a memoryview of another format or shape is cast)."""
+    if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+        return data.cast("B") if data.c_contiguous else data.tobytes()
+    return data
 
 
 class ErrorCode(enum.StrEnum):
@@ -164,6 +217,70 @@ class ShardProtocolError(RemoteProtocolError):
 
 
 # ---------------------------------------------------------------------------------------------
+# content hash
+
+
+def block_hash(block: Bytes) -> bytes:
+    """BLAKE3-256 of one block (at most :data:`BLOCK_SIZE` bytes) of a shard."""
+    return blake3.blake3(block).digest()
+
+
+def table_content_hash(size: int, table: Bytes, block_size: int = BLOCK_SIZE) -> bytes:
+    """The content hash of a ``size``-byte shard whose block hashes are ``table`` (32 bytes
+    per block, in order): BLAKE3-256 of the domain tag, the size, the block size and the
+    table."""
+    h = blake3.blake3(CONTENT_DOMAIN)
+    h.update(struct.pack(">QI", size, block_size))
+    h.update(table)
+    return h.digest()
+
+
+def content_hash(data: Bytes) -> bytes:
+    """The content hash of a whole shard (the ``hash`` of put, stored, data and verified)."""
+    hasher = ContentHasher()
+    hasher.update(data)
+    return hasher.finish()[1]
+
+
+class ContentHasher:
+    """:func:`content_hash` fed piece by piece: every byte is hashed once, in its block."""
+
+    __slots__ = ("size", "_table", "_block", "_block_len")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._table: list[bytes] = []
+        self._block: blake3.blake3 | None = None  # the unfinished block, if any
+        self._block_len = 0
+
+    def update(self, data: Bytes) -> None:
+        view = memoryview(_flat(data))
+        n = len(view)
+        self.size += n
+        if self._block is not None:
+            take = min(n, BLOCK_SIZE - self._block_len)
+            self._block.update(view[:take])
+            self._block_len += take
+            view = view[take:]
+            if self._block_len < BLOCK_SIZE:
+                return
+            self._table.append(self._block.digest())
+            self._block, self._block_len = None, 0
+        while len(view) >= BLOCK_SIZE:
+            self._table.append(blake3.blake3(view[:BLOCK_SIZE]).digest())
+            view = view[BLOCK_SIZE:]
+        if view:
+            self._block, self._block_len = blake3.blake3(view), len(view)
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(the block-hash table, the content hash) of everything fed so far (more may be
+        fed afterwards)."""
+        hashes = self._table if self._block is None else [*self._table, self._block.digest()]
+        table = b"".join(hashes)
+        return table, table_content_hash(self.size, table)
+
+
+# ---------------------------------------------------------------------------------------------
 # field checks
 
 
@@ -197,13 +314,15 @@ def _bytes(msg: dict[str, Any], name: str, sizes: tuple[int, ...]) -> bytes:
     return value
 
 
-def _data(msg: dict[str, Any], name: str = "data") -> bytes:
-    value = msg[name]
-    if not isinstance(value, bytes):
-        raise _bad(f"{name} must be bytes")
-    if len(value) > MAX_CHUNK:
-        raise ShardProtocolError(ErrorCode.TOO_LARGE, f"chunk of {len(value)} bytes > {MAX_CHUNK}")
-    return value
+def _payload(payload: bytes) -> bytes:
+    if len(payload) > MAX_CHUNK:
+        raise ShardProtocolError(ErrorCode.TOO_LARGE, f"chunk of {len(payload)} bytes > {MAX_CHUNK}")
+    return payload
+
+
+def _no_payload(what: str, payload: bytes) -> None:
+    if payload:
+        raise _bad(f"{what} carries no payload, got {len(payload)} bytes")
 
 
 def _ns(msg: dict[str, Any]) -> int:
@@ -222,8 +341,8 @@ def _check_local(ok: bool, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # requests
 
-_PUT = frozenset({"v", "op", "ns", "shard_id", "size", "hash", "nonce", "owner", "sig", "data"})
-_APPEND = frozenset({"v", "op", "ns", "shard_id", "offset", "data", "hash"})
+_PUT = frozenset({"v", "op", "ns", "shard_id", "size", "hash", "nonce", "owner", "sig"})
+_APPEND = frozenset({"v", "op", "ns", "shard_id", "offset", "hash"})
 _GET = frozenset({"v", "op", "ns", "shard_id", "offset", "length"})
 _DELETE = frozenset({"v", "op", "ns", "shard_id", "nonce", "owner", "sig"})
 _STAT = frozenset({"v", "op", "ns"})
@@ -232,7 +351,9 @@ _VERIFY = frozenset({"v", "op", "ns", "shard_id"})
 
 @dataclass(frozen=True, slots=True)
 class Put:
-    """Start (and, if ``data`` is the whole shard, finish) an upload of ``size`` bytes."""
+    """Start (and, if ``data`` is the whole shard, finish) an upload of ``size`` bytes.
+
+    ``data`` travels as the frame's payload (received: ``bytes``; sent: any bytes-like)."""
 
     ns: int
     shard_id: bytes
@@ -241,11 +362,11 @@ class Put:
     nonce: int
     owner: bytes
     sig: bytes
-    data: bytes
+    data: Bytes
 
     @property
     def is_complete(self) -> bool:
-        return len(self.data) == self.size
+        return nbytes(self.data) == self.size
 
     def signed_body(self) -> list[Any]:
         return ["put", self.ns, self.shard_id, self.size, self.hash, self.nonce]
@@ -254,14 +375,14 @@ class Put:
         return {
             "v": PROTOCOL_VERSION, "op": "put", "ns": self.ns, "shard_id": self.shard_id,
             "size": self.size, "hash": self.hash, "nonce": self.nonce, "owner": self.owner,
-            "sig": self.sig, "data": self.data,
+            "sig": self.sig,
         }
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any]) -> Put:
+    def from_wire(cls, msg: dict[str, Any], payload: bytes = b"") -> Put:
         _fields(msg, _PUT)
         size = _int(msg, "size", 0, MAX_SHARD_SIZE)
-        data = _data(msg)
+        data = _payload(payload)
         if len(data) != min(size, MAX_CHUNK):
             raise _bad(f"a put carries the first min(size, {MAX_CHUNK}) bytes, got {len(data)}")
         return cls(
@@ -274,24 +395,24 @@ class Put:
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """The next chunk of the upload open on this connection."""
+    """The next chunk of the upload open on this connection (``data``: the payload)."""
 
     ns: int
     shard_id: bytes
     offset: int
-    data: bytes
+    data: Bytes
     hash: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "v": PROTOCOL_VERSION, "op": "append", "ns": self.ns, "shard_id": self.shard_id,
-            "offset": self.offset, "data": self.data, "hash": self.hash,
+            "offset": self.offset, "hash": self.hash,
         }
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any]) -> Append:
+    def from_wire(cls, msg: dict[str, Any], payload: bytes = b"") -> Append:
         _fields(msg, _APPEND)
-        data = _data(msg)
+        data = _payload(payload)
         if not data:
             raise _bad("an append carries at least one byte")
         return cls(
@@ -384,8 +505,8 @@ _REQUESTS: dict[str, type[Put] | type[Append] | type[Get] | type[Delete] | type[
 }
 
 
-def parse_request(msg: Any) -> Request:
-    """A request from a decoded frame.
+def parse_request(msg: Any, payload: bytes = b"") -> Request:
+    """A request from a decoded frame's header map and payload.
 
     Raises :class:`ShardProtocolError` (``malformed``, ``too_large``, ``unsupported_version``).
     """
@@ -393,13 +514,24 @@ def parse_request(msg: Any) -> Request:
         raise _bad("a request is a map")
     if msg.get("v") != PROTOCOL_VERSION:
         raise ShardProtocolError(
-            ErrorCode.UNSUPPORTED_VERSION, f"protocol version {msg.get('v')!r} (this store speaks 1)"
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {msg.get('v')!r} (this store speaks {PROTOCOL_VERSION})",
         )
     op = msg.get("op")
     cls = _REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise _bad(f"unknown op {op!r}")
+    if cls is Put:
+        return Put.from_wire(msg, payload)
+    if cls is Append:
+        return Append.from_wire(msg, payload)
+    _no_payload(f"a {op}", payload)
     return cls.from_wire(msg)
+
+
+def request_payload(req: Request) -> Bytes:
+    """The payload that travels with ``req`` (``b""`` but for put and append)."""
+    return req.data if isinstance(req, Put | Append) else b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +551,8 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """Bytes of a stored shard (``data``: the payload)."""
+
     size: int
     hash: bytes
     offset: int
@@ -463,7 +597,7 @@ Response = Accepted | Stored | Data | Deleted | StatResult | Verified | Error
 _RESPONSE_FIELDS: dict[str, frozenset[str]] = {
     "accepted": frozenset({"received"}),
     "stored": frozenset({"size", "hash"}),
-    "data": frozenset({"size", "hash", "offset", "data"}),
+    "data": frozenset({"size", "hash", "offset"}),
     "deleted": frozenset({"freed"}),
     "stat": frozenset({"used", "quota", "count"}),
     "verified": frozenset({"size", "hash"}),
@@ -472,7 +606,7 @@ _BIG: Final = 1 << 64
 
 
 def response_to_wire(resp: Response) -> dict[str, Any]:
-    """The wire map of a response."""
+    """The header map of a response (a ``data`` answer's bytes are its payload)."""
     head: dict[str, Any] = {"v": PROTOCOL_VERSION}
     match resp:
         case Error(code=code, message=message):
@@ -481,9 +615,8 @@ def response_to_wire(resp: Response) -> dict[str, Any]:
             return head | {"ok": True, "r": "accepted", "received": received}
         case Stored(size=size, hash=h):
             return head | {"ok": True, "r": "stored", "size": size, "hash": h}
-        case Data(size=size, hash=h, offset=offset, data=data):
-            return head | {"ok": True, "r": "data", "size": size, "hash": h, "offset": offset,
-                           "data": data}
+        case Data(size=size, hash=h, offset=offset):
+            return head | {"ok": True, "r": "data", "size": size, "hash": h, "offset": offset}
         case Deleted(freed=freed):
             return head | {"ok": True, "r": "deleted", "freed": freed}
         case StatResult(used=used, quota=quota, count=count):
@@ -493,11 +626,20 @@ def response_to_wire(resp: Response) -> dict[str, Any]:
     raise LocalProtocolError(f"not a response: {resp!r}")  # pragma: no cover - exhaustive
 
 
-def parse_response(msg: Any) -> Response:
-    """A response from a decoded frame. Raises :class:`ShardProtocolError` if malformed."""
+def response_payload(resp: Response) -> bytes:
+    """The payload that travels with ``resp`` (``b""`` but for a ``data`` answer)."""
+    return resp.data if isinstance(resp, Data) else b""
+
+
+def parse_response(msg: Any, payload: bytes = b"") -> Response:
+    """A response from a decoded frame's header map and payload.
+
+    Raises :class:`ShardProtocolError` if malformed."""
     if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
-        raise _bad("a response is a version-1 map")
+        raise _bad(f"a response is a version-{PROTOCOL_VERSION} map")
     ok = msg.get("ok")
+    if ok is not True or msg.get("r") != "data":
+        _no_payload("this answer", payload)
     if ok is False:
         _fields(msg, frozenset({"v", "ok", "code", "message"}))
         code, message = msg["code"], msg["message"]
@@ -522,7 +664,7 @@ def parse_response(msg: Any) -> Response:
         case "data":
             return Data(
                 _int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)),
-                _int(msg, "offset", 0, MAX_SHARD_SIZE), _data(msg),
+                _int(msg, "offset", 0, MAX_SHARD_SIZE), _payload(payload),
             )
         case "deleted":
             return Deleted(_int(msg, "freed", 0, MAX_SHARD_SIZE))
@@ -557,18 +699,20 @@ def next_nonce(last: int, now_us: int) -> int:
 
 
 def make_put(
-    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, size: int, first_chunk: bytes,
+    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, size: int, first_chunk: Bytes,
     nonce: int, *, shard_hash: bytes = b"",
 ) -> Put:
-    """A signed ``put`` of a ``size``-byte shard whose first chunk is ``first_chunk``.
+    """A signed ``put`` of a ``size``-byte shard whose first chunk is ``first_chunk`` (any
+    bytes-like; it is sent as it is, not copied).
 
-    Pass ``shard_hash`` (BLAKE2b-256 of the whole shard) when it is known to bind the content to
-    the signature; a streaming upload passes nothing. Raises :class:`LocalProtocolError` for
-    arguments the store would refuse as malformed.
+    Pass ``shard_hash`` (:func:`content_hash` of the whole shard) when it is known to bind the
+    content to the signature; a streaming upload passes nothing. Raises
+    :class:`LocalProtocolError` for arguments the store would refuse as malformed.
     """
+    first_chunk = _flat(first_chunk)
     _check_local(len(shard_id) == SHARD_ID_SIZE, "shard ids are 32 bytes")
     _check_local(0 <= size <= MAX_SHARD_SIZE, f"shard size must be 0..{MAX_SHARD_SIZE}")
-    _check_local(len(first_chunk) == min(size, MAX_CHUNK), "first chunk is min(size, MAX_CHUNK)")
+    _check_local(nbytes(first_chunk) == min(size, MAX_CHUNK), "first chunk is min(size, MAX_CHUNK)")
     _check_local(len(shard_hash) in (0, HASH_SIZE), "shard hash is 32 bytes or empty")
     _check_local(1 <= nonce <= MAX_NONCE, "nonce must be 1..2**63-1")
     _check_local(0 <= ns <= MAX_NONCE, "ns must be a contract id")
@@ -587,18 +731,21 @@ def make_delete(key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, nonc
 
 
 def upload_requests(
-    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, data: bytes, nonce: int
+    key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes, data: Bytes, nonce: int
 ) -> list[Put | Append]:
-    """Every request of an in-memory upload: a ``put`` that signs the whole shard's hash, then
-    the ``append`` chunks. Send them in order on one connection; the last answer is ``stored``."""
-    shard_hash = hash_bytes(data)
+    """Every request of an in-memory upload: a ``put`` that signs the whole shard's
+    :func:`content_hash`, then the ``append`` chunks (memoryview slices of ``data``, not
+    copies). Send them in order on one connection; the last answer is ``stored``."""
+    view = memoryview(_flat(data))
+    size = len(view)
+    shard_hash = content_hash(view)
     reqs: list[Put | Append] = [
-        make_put(key, chain_id, ns, shard_id, len(data), data[:MAX_CHUNK], nonce,
+        make_put(key, chain_id, ns, shard_id, size, view[:MAX_CHUNK], nonce,
                  shard_hash=shard_hash)
     ]
-    for offset in range(MAX_CHUNK, len(data), MAX_CHUNK):
-        chunk = data[offset : offset + MAX_CHUNK]
-        last = offset + len(chunk) == len(data)
+    for offset in range(MAX_CHUNK, size, MAX_CHUNK):
+        chunk = view[offset : offset + MAX_CHUNK]
+        last = offset + len(chunk) == size
         reqs.append(Append(ns, shard_id, offset, chunk, shard_hash if last else b""))
     return reqs
 
@@ -686,6 +833,119 @@ def authorize(
 # connections
 
 
+def encode_frame(header: dict[str, Any], payload: Bytes = b"") -> tuple[bytes, Bytes]:
+    """A frame as ``(head, payload)``: ``head`` is the prefix and the canonical msgpack header,
+    ``payload`` is the given buffer, not copied (send ``head`` then ``payload``).
+
+    Raises :class:`LocalProtocolError` if the header or the payload is over its limit.
+    """
+    body = pack(header)
+    payload = _flat(payload)
+    size = nbytes(payload)
+    if not 0 < len(body) <= MAX_HEADER:
+        raise LocalProtocolError(f"refusing to send a {len(body)}-byte header (limit {MAX_HEADER})")
+    if size > MAX_CHUNK:
+        raise LocalProtocolError(f"refusing to send a {size}-byte payload (limit {MAX_CHUNK})")
+    return _PREFIX.pack(len(body), size) + body, payload
+
+
+class FrameReader:
+    """Sans-IO decoder of frames: feed bytes with :meth:`receive_data`, take ``(header map,
+    payload)`` pairs with :meth:`next_frame`.
+
+    Received chunks are kept as they are; a frame's payload is taken without a copy when it
+    is exactly one received chunk, else joined once from slices of the chunks. Both lengths
+    are checked as soon as a frame's prefix is in: a :class:`ShardProtocolError`
+    (``too_large``) then, before any of its body is buffered beyond what already arrived.
+    """
+
+    __slots__ = ("_chunks", "_pos", "_buffered", "_lengths")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._pos = 0  # bytes of _chunks[0] already taken
+        self._buffered = 0  # bytes received and not taken
+        self._lengths: tuple[int, int] | None = None  # (H, P) of the frame being read
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing before the frame being read is complete (at least 1 when
+        :meth:`next_frame` answered :data:`NEED_DATA`)."""
+        if self._lengths is None:
+            return max(PREFIX_SIZE - self._buffered, 0)
+        head, payload = self._lengths
+        return max(head + payload - self._buffered, 0)
+
+    def receive_data(self, data: Bytes) -> None:
+        """Raises :class:`ShardProtocolError` (``too_large``) if a frame announces too much."""
+        if not nbytes(data):
+            return
+        chunk = data if type(data) is bytes else bytes(data)
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self._read_prefix()
+
+    def _read_prefix(self) -> None:
+        if self._lengths is not None or self._buffered < PREFIX_SIZE:
+            return
+        head, payload = _PREFIX.unpack(self._take(PREFIX_SIZE))
+        if head > MAX_HEADER:
+            raise ShardProtocolError(
+                ErrorCode.TOO_LARGE, f"frame header of {head} bytes exceeds limit {MAX_HEADER}")
+        if payload > MAX_CHUNK:
+            raise ShardProtocolError(
+                ErrorCode.TOO_LARGE, f"frame payload of {payload} bytes exceeds limit {MAX_CHUNK}")
+        self._lengths = (head, payload)
+
+    def next_frame(self) -> tuple[Any, bytes] | NeedData:
+        """The next frame's decoded header and its payload, or :data:`NEED_DATA`.
+
+        Raises :class:`ShardProtocolError` (``too_large``, ``malformed``).
+        """
+        self._read_prefix()
+        if self._lengths is None:
+            return NEED_DATA
+        head, payload = self._lengths
+        if self._buffered < head + payload:
+            return NEED_DATA
+        raw = self._take(head)
+        body = self._take(payload)
+        self._lengths = None
+        try:
+            msg = unpack(raw, max_size=MAX_HEADER)
+        except MalformedFrame as exc:
+            raise ShardProtocolError(ErrorCode.MALFORMED, f"frame header: {exc}") from None
+        return msg, body
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` buffered bytes (the caller checked that there are that many)."""
+        if n == 0:
+            return b""
+        self._buffered -= n
+        first, pos = self._chunks[0], self._pos
+        avail = len(first) - pos
+        if avail > n:
+            self._pos = pos + n
+            return first[pos : pos + n]
+        if avail == n:
+            self._chunks.popleft()
+            self._pos = 0
+            return first if pos == 0 else first[pos:]
+        parts: list[bytes | memoryview] = []
+        while n:
+            chunk, pos = self._chunks[0], self._pos
+            avail = len(chunk) - pos
+            if avail > n:
+                parts.append(memoryview(chunk)[pos : pos + n])
+                self._pos = pos + n
+                break
+            parts.append(memoryview(chunk)[pos:] if pos else chunk)
+            self._chunks.popleft()
+            self._pos = 0
+            n -= avail
+        return b"".join(parts)
+
+
 @dataclass(slots=True)
 class Upload:
     """The upload open on a server connection."""
@@ -701,46 +961,43 @@ class ServerConnection:
     """The store's end of one connection.
 
     Rules: requests and responses alternate (:meth:`next_request` returns nothing new until
-    :meth:`send` answered the previous request). A ``put`` whose answer is ``accepted`` opens an
-    upload; an ``append`` must continue it exactly (same ns and shard id, ``offset`` = bytes
-    received) or it is a ``bad_state`` protocol error; an answer of ``stored`` or any error
-    closes the upload. A :class:`ShardProtocolError` from :meth:`next_request` means: send
-    :meth:`error_frame` and close the connection.
+    :meth:`send_parts` answered the previous request). A ``put`` whose answer is ``accepted``
+    opens an upload; an ``append`` must continue it exactly (same ns and shard id, ``offset`` =
+    bytes received) or it is a ``bad_state`` protocol error; an answer of ``stored`` or any
+    error closes the upload. A :class:`ShardProtocolError` from :meth:`receive_data` or
+    :meth:`next_request` means: send :meth:`error_frame` and close the connection.
     """
 
     def __init__(self) -> None:
-        self._decoder = FrameDecoder(MAX_FRAME)
+        self._reader = FrameReader()
         self._pending: Request | None = None
         self.upload: Upload | None = None
 
-    def receive_data(self, data: bytes) -> None:
+    @property
+    def needed(self) -> int:
+        """Bytes still missing from the request being received (see :class:`FrameReader`)."""
+        return self._reader.needed
+
+    def receive_data(self, data: Bytes) -> None:
         """Raises :class:`ShardProtocolError` (``too_large``) if a frame announces too much."""
-        try:
-            self._decoder.receive_data(data)
-        except FrameTooLarge as exc:
-            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        self._reader.receive_data(data)
 
     def next_request(self) -> Request | NeedData:
         """The next request, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""
         if self._pending is not None:
             raise LocalProtocolError("answer the previous request first")
-        try:
-            msg = self._decoder.next_message()
-        except FrameTooLarge as exc:
-            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
-        except MalformedFrame as exc:
-            raise ShardProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-        if isinstance(msg, NeedData):
+        frame = self._reader.next_frame()
+        if isinstance(frame, NeedData):
             return NEED_DATA
-        req = parse_request(msg)
+        req = parse_request(*frame)
         up = self.upload
         if isinstance(req, Append):
             if up is None or (req.ns, req.shard_id) != (up.ns, up.shard_id):
                 raise ShardProtocolError(ErrorCode.BAD_STATE, "append without a matching open upload")
-            if req.offset != up.received or req.offset + len(req.data) > up.size:
+            if req.offset != up.received or req.offset + nbytes(req.data) > up.size:
                 raise ShardProtocolError(
                     ErrorCode.BAD_STATE,
-                    f"append at {req.offset}+{len(req.data)}; expected offset {up.received} "
+                    f"append at {req.offset}+{nbytes(req.data)}; expected offset {up.received} "
                     f"of {up.size}",
                 )
         elif up is not None:
@@ -748,8 +1005,9 @@ class ServerConnection:
         self._pending = req
         return req
 
-    def send(self, resp: Response) -> bytes:
-        """Encode the answer to the pending request and advance the upload state."""
+    def send_parts(self, resp: Response) -> tuple[bytes, Bytes]:
+        """Encode the answer to the pending request as ``(head, payload)`` (the payload, a
+        ``data`` answer's bytes, not copied) and advance the upload state."""
         req = self._pending
         if req is None:
             raise LocalProtocolError("no request to answer")
@@ -758,46 +1016,57 @@ class ServerConnection:
             self.upload = None
         elif isinstance(resp, Accepted):
             if isinstance(req, Put):
-                self.upload = Upload(req.ns, req.shard_id, req.size, req.hash, len(req.data))
+                self.upload = Upload(req.ns, req.shard_id, req.size, req.hash, nbytes(req.data))
             elif isinstance(req, Append) and self.upload is not None:
-                self.upload.received = req.offset + len(req.data)
+                self.upload.received = req.offset + nbytes(req.data)
             else:
                 raise LocalProtocolError("accepted answers only a put or an append")
             if resp.received != self.upload.received:
                 raise LocalProtocolError("accepted must report the bytes received")
-        return encode_frame(response_to_wire(resp), MAX_FRAME)
+        return encode_frame(response_to_wire(resp), response_payload(resp))
+
+    def send(self, resp: Response) -> bytes:
+        """:meth:`send_parts` as one byte string (copies the payload; for tests and tools)."""
+        head, payload = self.send_parts(resp)
+        return head + payload if nbytes(payload) else head
 
     @staticmethod
     def error_frame(exc: ShardProtocolError) -> bytes:
         """The frame that tells a peer why its connection is being closed."""
-        return encode_frame(response_to_wire(Error(exc.code, exc.message)), MAX_FRAME)
+        head, _ = encode_frame(response_to_wire(Error(exc.code, exc.message)))
+        return head
 
 
 class ClientConnection:
     """The client's end of one connection: encode requests, decode answers in order."""
 
     def __init__(self) -> None:
-        self._decoder = FrameDecoder(MAX_FRAME)
+        self._reader = FrameReader()
+
+    @staticmethod
+    def send_parts(req: Request) -> tuple[bytes, Bytes]:
+        """``req`` as ``(head, payload)``: send ``head``, then ``payload`` if not empty (the
+        request's ``data`` as it was given, not copied)."""
+        return encode_frame(req.to_wire(), request_payload(req))
 
     @staticmethod
     def send(req: Request) -> bytes:
-        return encode_frame(req.to_wire(), MAX_FRAME)
+        """:meth:`send_parts` as one byte string (copies the payload; for tests and tools)."""
+        head, payload = ClientConnection.send_parts(req)
+        return head + payload if nbytes(payload) else head
 
-    def receive_data(self, data: bytes) -> None:
+    @property
+    def needed(self) -> int:
+        """Bytes still missing from the answer being received (see :class:`FrameReader`)."""
+        return self._reader.needed
+
+    def receive_data(self, data: Bytes) -> None:
         """Raises :class:`ShardProtocolError` if the store announces an oversized frame."""
-        try:
-            self._decoder.receive_data(data)
-        except FrameTooLarge as exc:
-            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        self._reader.receive_data(data)
 
     def next_response(self) -> Response | NeedData:
         """The next answer, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""
-        try:
-            msg = self._decoder.next_message()
-        except FrameTooLarge as exc:
-            raise ShardProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
-        except MalformedFrame as exc:
-            raise ShardProtocolError(ErrorCode.MALFORMED, str(exc)) from None
-        if isinstance(msg, NeedData):
+        frame = self._reader.next_frame()
+        if isinstance(frame, NeedData):
             return NEED_DATA
-        return parse_response(msg)
+        return parse_response(*frame)

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from ledger.codec import hash_bytes
+from ledger.codec import hash_bytes, pack
 from ledger.keys import KeyPair
-from ledger.wire import encode_frame
 from zos_agent import shardwire as w
 from zos_agent.shardstore import (
     HEADER_FIXED,
@@ -27,6 +26,8 @@ from zos_agent.shardstore import (
     serve_shards,
     write_namespaces_file,
 )
+
+content_hash = w.content_hash
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CHAIN = "test-chain"
@@ -57,7 +58,10 @@ class Client:
             self.conn.receive_data(bytes(data))
 
     async def call(self, req: w.Request) -> w.Response:
-        await self.stream.send_all(self.conn.send(req))
+        head, body = self.conn.send_parts(req)  # as the real client: head, then the payload
+        await self.stream.send_all(head)
+        if body:
+            await self.stream.send_all(body)
         return await self.response()
 
     async def upload(self, ns: int, sid: bytes, data: bytes, nonce: int,
@@ -78,7 +82,7 @@ class Client:
             assert isinstance(resp, w.Data)
             out += resp.data
             if len(out) >= resp.size:
-                assert hash_bytes(bytes(out)) == resp.hash
+                assert content_hash(out) == resp.hash
                 return bytes(out)
 
     async def closed(self) -> bool:
@@ -145,7 +149,7 @@ async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
     big = payload(1, 3 * w.MAX_CHUNK + 12_345)  # a put and three appends
     async with running_store(tmp_path, table) as addr, connect(addr) as c:
         stored = await c.upload(NS, sid(1), big, nonce())
-        assert stored == w.Stored(len(big), hash_bytes(big))
+        assert stored == w.Stored(len(big), content_hash(big))
         assert await c.download(NS, sid(1)) == big
         # an unaligned range crossing a block boundary
         r = await c.call(w.Get(NS, sid(1), w.BLOCK_SIZE - 7, 100))
@@ -154,12 +158,15 @@ async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
         r = await c.call(w.Get(NS, sid(1), len(big) - 5, w.MAX_CHUNK))
         assert isinstance(r, w.Data)
         assert r.data == big[-5:]
-        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(len(big), hash_bytes(big))
+        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(len(big), content_hash(big))
         # empty and small shards; replacing a shard
-        assert await c.upload(NS, sid(2), b"", nonce()) == w.Stored(0, hash_bytes(b""))
+        assert await c.upload(NS, sid(2), b"", nonce()) == w.Stored(0, content_hash(b""))
         assert await c.download(NS, sid(2)) == b""
-        assert await c.upload(NS, sid(3), b"old", nonce()) == w.Stored(3, hash_bytes(b"old"))
-        assert await c.upload(NS, sid(3), b"newer", nonce()) == w.Stored(5, hash_bytes(b"newer"))
+        r = await c.call(w.Get(NS, sid(2), 0, 10))
+        assert r == w.Data(0, content_hash(b""), 0, b"")
+        assert await c.call(w.Verify(NS, sid(2))) == w.Verified(0, content_hash(b""))
+        assert await c.upload(NS, sid(3), b"old", nonce()) == w.Stored(3, content_hash(b"old"))
+        assert await c.upload(NS, sid(3), b"newer", nonce()) == w.Stored(5, content_hash(b"newer"))
         assert await c.download(NS, sid(3)) == b"newer"
         assert await c.call(w.Stat(NS)) == w.StatResult(len(big) + 5, QUOTA, 3)
         # delete
@@ -188,7 +195,7 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path,
             up = ShardUpload(conn, OWNER, CHAIN, NS, sid(7), len(big), 1, depth=3)
             for i in range(0, len(big), 100_000):
                 await up.write(big[i:i + 100_000])
-            assert up.stored == w.Stored(len(big), hash_bytes(big))
+            assert up.stored == w.Stored(len(big), content_hash(big))
             assert conn.pending == 0
         async with await ShardConnection.open(endpoint, tcp, 5.0, 10.0) as conn:
             spans = [(off, min(300_000, len(big) - off)) for off in range(0, len(big), 300_000)]
@@ -203,6 +210,59 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path,
                 got += resp.data
             assert bytes(got) == big
             assert await conn.get_object(NS, sid(7), len(big)) == big  # in turn again
+
+
+async def test_client_uploads_from_memoryviews(tmp_path: Path,
+                                               table: dict[int, w.NamespaceInfo]) -> None:
+    """ShardUpload fed 64 KiB memoryview blocks, odd sizes and one piece larger than a
+    frame; put_object from a memoryview; the empty shard; the stored hash is the client's
+    content_hash each time."""
+    from threebot.storage.shardclient import ShardConnection, ShardUpload
+
+    big = payload(8, 2 * w.MAX_CHUNK + 4321)
+    view = memoryview(big)
+    async with running_store(tmp_path, table) as addr:
+        async def tcp(host: str, port: int) -> trio.abc.Stream:
+            return await trio.open_tcp_stream(host, port)
+
+        endpoint = f"{addr[0]}:{addr[1]}"
+        points = [0, 1 << 16, (1 << 16) + 7, w.MAX_CHUNK + 65546, len(big)]
+        odd = list(zip(points, points[1:], strict=False))  # one piece spans several frames
+        for n, cuts in enumerate([[(i, i + (1 << 16)) for i in range(0, len(big), 1 << 16)],
+                                  odd]):
+            async with await ShardConnection.open(endpoint, tcp, 5.0, 10.0) as conn:
+                up = ShardUpload(conn, OWNER, CHAIN, NS, sid(20 + n), len(big), 100 + n)
+                for a, b in cuts:
+                    await up.write(view[a:b])
+                assert up.complete
+                assert up.stored == w.Stored(len(big), content_hash(big))
+                assert await conn.get_object(NS, sid(20 + n), len(big)) == big
+        async with await ShardConnection.open(endpoint, tcp, 5.0, 10.0) as conn:
+            await conn.put_object(OWNER, CHAIN, NS, sid(22), view[5:], 110)
+            assert await conn.get_object(NS, sid(22), len(big)) == big[5:]
+            v = await conn.verify(NS, sid(22))
+            assert v == w.Verified(len(big) - 5, content_hash(big[5:]))
+            up = ShardUpload(conn, OWNER, CHAIN, NS, sid(23), 0, 111)
+            await up.write(b"")
+            await up.write(b"")  # nothing more is sent
+            assert up.stored == w.Stored(0, content_hash(b""))
+            assert await conn.get_object(NS, sid(23), 10) == b""
+
+
+async def test_a_whole_upload_in_one_send(tmp_path: Path,
+                                          table: dict[int, w.NamespaceInfo]) -> None:
+    """Several frames in one TCP write (and a frame split over many): answered in order."""
+    data = payload(9, 2 * w.MAX_CHUNK + 3)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(30), data, 1)
+    blob = b"".join(w.ClientConnection.send(r) for r in reqs)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        await c.send_raw(blob)
+        assert [await c.response() for _ in reqs] == [
+            w.Accepted(w.MAX_CHUNK), w.Accepted(2 * w.MAX_CHUNK), w.Stored(len(data), content_hash(data))]
+        frame = w.ClientConnection.send(w.Get(NS, sid(30), 5, 1000))
+        for i in range(len(frame)):
+            await c.send_raw(frame[i : i + 1])
+        assert await c.response() == w.Data(len(data), content_hash(data), 5, data[5:1005])
 
 
 async def test_unsigned_foreign_and_replayed_writes_are_refused(
@@ -226,7 +286,7 @@ async def test_unsigned_foreign_and_replayed_writes_are_refused(
         assert code(await c.call(dele)) is w.ErrorCode.REPLAY  # the shard stays
         assert await c.download(NS, sid(1)) == b"y"
         # A hash signed for other content is never committed.
-        lie = w.make_put(OWNER, CHAIN, NS, sid(4), 2, b"ab", nonce(), shard_hash=hash_bytes(b"cd"))
+        lie = w.make_put(OWNER, CHAIN, NS, sid(4), 2, b"ab", nonce(), shard_hash=content_hash(b"cd"))
         assert code(await c.call(lie)) is w.ErrorCode.BAD_HASH
         assert code(await c.call(w.Get(NS, sid(4)))) is w.ErrorCode.NOT_FOUND
         # the connection kept working through every refusal
@@ -277,6 +337,13 @@ async def test_corrupt_shard_is_never_served(tmp_path: Path,
         r = await c.call(w.Get(NS, sid(1), 0, 10))  # an intact block is still served
         assert isinstance(r, w.Data)
         assert r.data == data[:10]
+        assert r.hash == content_hash(data)
+        # a damaged block-hash table entry (block 0 of shard 1): reads of that block and
+        # verify refuse it
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_FIXED + 5] ^= 0x10
+        path.write_bytes(bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(1), 0, 10))) is w.ErrorCode.CORRUPT
         # a damaged header, and a torn (truncated) file
         path2 = nsdir.shard_path(sid(2))
         raw = bytearray(path2.read_bytes())
@@ -287,6 +354,15 @@ async def test_corrupt_shard_is_never_served(tmp_path: Path,
         path3.write_bytes(path3.read_bytes()[: HEADER_FIXED + 3 * 32 + w.BLOCK_SIZE + 5])
         assert code(await c.call(w.Get(NS, sid(3), w.BLOCK_SIZE, 10))) is w.ErrorCode.CORRUPT
         assert code(await c.call(w.Verify(NS, sid(3)))) is w.ErrorCode.CORRUPT
+        # a file of the previous format version (magic b"TFSHARD\x01") reads as corrupt
+        assert isinstance(await c.upload(NS, sid(4), data, nonce()), w.Stored)
+        path4 = nsdir.shard_path(sid(4))
+        raw = bytearray(path4.read_bytes())
+        assert raw[:8] == b"TFSHARD\x02"
+        raw[7] = 1
+        path4.write_bytes(bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(4)))) is w.ErrorCode.CORRUPT
+        assert code(await c.call(w.Verify(NS, sid(4)))) is w.ErrorCode.CORRUPT
         # the owner can replace a corrupt shard
         assert isinstance(await c.upload(NS, sid(1), data, nonce()), w.Stored)
         assert await c.download(NS, sid(1)) == data
@@ -300,17 +376,25 @@ async def test_bad_frames_close_only_their_connection(
         # good has an upload half done while the others misbehave
         reqs = w.upload_requests(OWNER, CHAIN, NS, sid(1), data, nonce())
         assert isinstance(await good.call(reqs[0]), w.Accepted)
-        async with connect(addr) as big:
-            await big.send_raw(struct.pack(">I", w.MAX_FRAME + 1) + b"\x00" * 1000)
-            r = await big.response()
-            assert code(r) is w.ErrorCode.TOO_LARGE
-            assert await big.closed()
+        for prefix in (struct.pack(">II", w.MAX_HEADER + 1, 0),  # oversized header
+                       struct.pack(">II", 200, w.MAX_CHUNK + 1)):  # oversized payload
+            async with connect(addr) as big:
+                await big.send_raw(prefix + b"\x00" * 1000)
+                r = await big.response()
+                assert code(r) is w.ErrorCode.TOO_LARGE
+                assert await big.closed()
         async with connect(addr) as junk:
-            await junk.send_raw(struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1")
+            await junk.send_raw(struct.pack(">II", 4, 0) + b"\xc1\xc1\xc1\xc1")
             assert code(await junk.response()) is w.ErrorCode.MALFORMED
             assert await junk.closed()
+        async with connect(addr) as extra:  # a payload on a message that has none
+            header = pack(w.Stat(NS).to_wire())
+            await extra.send_raw(struct.pack(">II", len(header), 3) + header + b"xyz")
+            assert code(await extra.response()) is w.ErrorCode.MALFORMED
+            assert await extra.closed()
         async with connect(addr) as wrong:
-            await wrong.send_raw(encode_frame({"v": 9, "op": "stat", "ns": NS}))
+            head, _ = w.encode_frame({"v": 1, "op": "stat", "ns": NS})
+            await wrong.send_raw(head)
             assert code(await wrong.response()) is w.ErrorCode.UNSUPPORTED_VERSION
             assert await wrong.closed()
         async with connect(addr) as stray:
@@ -319,7 +403,7 @@ async def test_bad_frames_close_only_their_connection(
             assert await stray.closed()
         for req in reqs[1:]:
             resp = await good.call(req)
-        assert resp == w.Stored(len(data), hash_bytes(data))
+        assert resp == w.Stored(len(data), content_hash(data))
         assert await good.download(NS, sid(1)) == data
 
 
@@ -475,7 +559,7 @@ async def test_child_process_kill9_during_writes_never_serves_a_torn_shard(
                     sizes[n] = rng.choice([10, w.BLOCK_SIZE + 1, w.MAX_CHUNK + 17,
                                            2 * w.MAX_CHUNK + 5])
                     if await c.upload(NS, sid(n), payload(n, sizes[n]), nonce()) == \
-                            w.Stored(sizes[n], hash_bytes(payload(n, sizes[n]))):
+                            w.Stored(sizes[n], content_hash(payload(n, sizes[n]))):
                         acked.add(n)
 
             async with trio.open_nursery() as nursery:

@@ -456,7 +456,7 @@ def test_6_shard_store_refuses_foreign_replayed_oversized_and_over_quota(grid: G
 
         # an oversized frame: answered too_large, that connection closed
         big = await RawStore.open(port)
-        await big.send_raw(struct.pack(">I", w.MAX_FRAME + 1) + b"\0" * 1024)
+        await big.send_raw(struct.pack(">II", w.MAX_HEADER + 1, 0) + b"\0" * 1024)
         assert _code(await big.answer()) == "too_large"
         assert await big.answer() is None
         await big.aclose()

@@ -6,13 +6,12 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.codec import hash_bytes, pack
+from ledger.codec import pack
 from ledger.errors import LocalProtocolError
 from ledger.keys import KeyPair
-from ledger.wire import encode_frame
 from zos_agent import shardwire as w
 
 CHAIN = "test-chain"
@@ -32,10 +31,28 @@ def roundtrip_request(req: w.Request) -> w.Request:
     return got
 
 
-def feed(conn: w.ServerConnection, req: Any) -> w.Request | w.NeedData:
-    msg = req.to_wire() if hasattr(req, "to_wire") else req
-    conn.receive_data(encode_frame(msg, w.MAX_FRAME))
+def raw_frame(header: Any, payload: bytes = b"") -> bytes:
+    """A frame of any header (not only a valid map) and payload."""
+    body = pack(header)
+    return struct.pack(">II", len(body), len(payload)) + body + payload
+
+
+def feed(conn: w.ServerConnection, req: Any, payload: bytes = b"") -> w.Request | w.NeedData:
+    if hasattr(req, "to_wire"):
+        conn.receive_data(w.ClientConnection.send(req))
+    else:
+        conn.receive_data(raw_frame(req, payload))
     return conn.next_request()
+
+
+def response_frame(resp: w.Response) -> bytes:
+    """An answer as the store encodes it, without a server connection's state."""
+    head, payload = w.encode_frame(w.response_to_wire(resp), w.response_payload(resp))
+    return head + payload
+
+
+def hash_bytes(data: bytes) -> bytes:
+    return w.content_hash(data)
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -47,7 +64,7 @@ def test_upload_put_append_stored_sequence() -> None:
     assert [type(r) for r in reqs] == [w.Put, w.Append, w.Append]
     put = reqs[0]
     assert isinstance(put, w.Put)
-    assert put.hash == hash_bytes(data)
+    assert put.hash == w.content_hash(data)
     assert put.size == len(data)
     assert b"".join(r.data for r in reqs) == data
     server, client = w.ServerConnection(), w.ClientConnection()
@@ -90,7 +107,10 @@ def test_responses_roundtrip() -> None:
     for resp in (w.Accepted(3), w.Stored(3, h), w.Data(10, h, 2, b"abc"), w.Deleted(10),
                  w.StatResult(1, 2, 3), w.Verified(3, h),
                  w.Error(w.ErrorCode.REPLAY, "nope")):
-        assert w.parse_response(w.response_to_wire(resp)) == resp
+        assert w.parse_response(w.response_to_wire(resp), w.response_payload(resp)) == resp
+        client = w.ClientConnection()
+        client.receive_data(response_frame(resp))
+        assert client.next_response() == resp
     with pytest.raises(w.ShardRefused) as info:
         w.raise_for_error(w.Error(w.ErrorCode.QUOTA_EXCEEDED, "full"))
     assert info.value.code is w.ErrorCode.QUOTA_EXCEEDED
@@ -98,7 +118,7 @@ def test_responses_roundtrip() -> None:
 
 def test_signed_bytes_are_the_documented_ones() -> None:
     put = w.make_put(OWNER, CHAIN, NS, SID, 3, b"abc", 11, shard_hash=hash_bytes(b"abc"))
-    expected = pack(["tfgrid/shard/v1", CHAIN, ["put", NS, SID, 3, hash_bytes(b"abc"), 11]])
+    expected = pack(["tfgrid/shard/v2", CHAIN, ["put", NS, SID, 3, hash_bytes(b"abc"), 11]])
     assert w.request_sign_bytes(CHAIN, put.signed_body()) == expected
     dele = w.make_delete(OWNER, CHAIN, NS, SID, 12)
     assert dele.signed_body() == ["delete", NS, SID, 0, b"", 12]
@@ -190,10 +210,15 @@ def test_replay_window_never_accepts_a_nonce_twice(nonces: list[int]) -> None:
 # -- malformed and oversized -----------------------------------------------------------------
 
 
-def test_oversized_frame_is_refused_before_its_body() -> None:
+@pytest.mark.parametrize("prefix", [
+    struct.pack(">II", w.MAX_HEADER + 1, 0),  # oversized header
+    struct.pack(">II", 100, w.MAX_CHUNK + 1),  # oversized payload
+    struct.pack(">II", 2**32 - 1, 2**32 - 1),
+])
+def test_oversized_frame_is_refused_before_its_body(prefix: bytes) -> None:
     conn = w.ServerConnection()
     with pytest.raises(w.ShardProtocolError) as exc:
-        conn.receive_data(struct.pack(">I", w.MAX_FRAME + 1))
+        conn.receive_data(prefix)  # the prefix alone: nothing of the body is needed
     assert exc.value.code is w.ErrorCode.TOO_LARGE
     frame = w.ServerConnection.error_frame(exc.value)
     client = w.ClientConnection()
@@ -202,50 +227,198 @@ def test_oversized_frame_is_refused_before_its_body() -> None:
     assert isinstance(resp, w.Error)
     assert resp.code is w.ErrorCode.TOO_LARGE
     assert resp.fatal
+    # the client refuses an oversized answer the same way, split prefix or not
+    client = w.ClientConnection()
+    client.receive_data(prefix[:5])
+    with pytest.raises(w.ShardProtocolError) as exc:
+        client.receive_data(prefix[5:])
+    assert exc.value.code is w.ErrorCode.TOO_LARGE
 
 
 def test_a_full_chunk_put_fits_the_frame_limit() -> None:
     data = b"\xff" * (3 * w.MAX_CHUNK)
     for req in w.upload_requests(OWNER, CHAIN, 2**62, SID, data, w.MAX_NONCE):
-        assert len(w.ClientConnection.send(req)) <= w.MAX_FRAME + 4
+        head, payload = w.ClientConnection.send_parts(req)
+        assert len(head) <= w.PREFIX_SIZE + w.MAX_HEADER
+        assert len(payload) == w.MAX_CHUNK
+        assert len(head) + len(payload) <= w.MAX_FRAME
     big = w.Data(w.MAX_SHARD_SIZE, hash_bytes(b""), 0, data[: w.MAX_CHUNK])
-    assert len(encode_frame(w.response_to_wire(big), w.MAX_FRAME)) <= w.MAX_FRAME + 4
+    server = w.ServerConnection()
+    feed(server, w.Get(NS, SID))
+    head, payload = server.send_parts(big)
+    assert payload is big.data  # not copied
+    assert len(head) + len(payload) <= w.MAX_FRAME
+    with pytest.raises(LocalProtocolError):
+        w.ClientConnection.send_parts(w.Append(NS, SID, 1, b"x" * (w.MAX_CHUNK + 1)))
+
+
+def test_send_parts_does_not_copy_the_payload() -> None:
+    buf = bytearray(b"q" * (2 * w.MAX_CHUNK))
+    chunk = memoryview(buf)[w.MAX_CHUNK :]
+    head, payload = w.ClientConnection.send_parts(w.Append(NS, SID, w.MAX_CHUNK, chunk))
+    assert payload is chunk
+    assert struct.unpack(">II", head[:8]) == (len(head) - 8, w.MAX_CHUNK)
+    # a put of a memoryview of another format is sent as its bytes
+    words = memoryview(bytearray(8)).cast("I")
+    put = w.make_put(OWNER, CHAIN, NS, SID, 8, words, 1)
+    got = roundtrip_request(put)
+    assert isinstance(got, w.Put)
+    assert got.data == bytes(8)
+
+
+def test_a_payload_split_across_many_receives() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    put = w.make_put(OWNER, CHAIN, NS, SID, len(data), data, 3)
+    frame = w.ClientConnection.send(put)
+    conn = w.ServerConnection()
+    assert conn.needed == w.PREFIX_SIZE
+    sizes = [1, 2, 3, 5, 8, 13, 999, 65536]
+    pos = i = 0
+    while pos < len(frame):
+        assert conn.next_request() is w.NEED_DATA
+        n = sizes[i % len(sizes)]
+        conn.receive_data(frame[pos : pos + n])
+        pos, i = pos + n, i + 1
+        assert conn.needed == max(len(frame) - pos, 0) or pos < w.PREFIX_SIZE
+    got = conn.next_request()
+    assert got == put
+    assert conn.needed == w.PREFIX_SIZE
+
+
+def test_a_payload_received_as_one_chunk_is_not_copied() -> None:
+    data = b"p" * 5000
+    head, payload = w.ClientConnection.send_parts(w.make_put(OWNER, CHAIN, NS, SID, 5000, data, 3))
+    conn = w.ServerConnection()
+    conn.receive_data(head)
+    assert conn.next_request() is w.NEED_DATA
+    assert conn.needed == len(data)
+    conn.receive_data(payload)
+    got = conn.next_request()
+    assert isinstance(got, w.Put)
+    assert got.data is payload
+
+
+def test_several_frames_in_one_receive() -> None:
+    data = b"k" * (2 * w.MAX_CHUNK + 77)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, SID, data, 4)
+    stream = b"".join(w.ClientConnection.send(r) for r in reqs)
+    conn = w.ServerConnection()
+    conn.receive_data(stream + w.ClientConnection.send(w.Stat(NS))[:3])
+    window = w.ReplayWindow()
+    for req in reqs:
+        got = conn.next_request()
+        assert got == req
+        if isinstance(got, w.Put):
+            w.authorize(got, INFO, CHAIN, window)
+        assert conn.upload is None or isinstance(got, w.Append)
+        conn.send(w.Stored(len(data), hash_bytes(data)) if req is reqs[-1]
+                  else w.Accepted(req.offset + len(req.data) if isinstance(req, w.Append)
+                                  else len(req.data)))
+    assert conn.next_request() is w.NEED_DATA  # the stat is not complete yet
+    conn.receive_data(w.ClientConnection.send(w.Stat(NS))[3:])
+    assert conn.next_request() == w.Stat(NS)
+    # answers, several in one receive, on the client side
+    client = w.ClientConnection()
+    answers: list[w.Response] = [w.Accepted(1), w.Data(3, hash_bytes(b"abc"), 0, b"abc"),
+                                 w.Data(3, hash_bytes(b"abc"), 3, b""), w.Deleted(3)]
+    client.receive_data(b"".join(map(response_frame, answers)))
+    assert [client.next_response() for _ in answers] == answers
+    assert client.next_response() is w.NEED_DATA
+
+
+# -- the content hash ------------------------------------------------------------------------
+
+
+def test_content_hash_is_the_documented_one() -> None:
+    import blake3
+
+    data = bytes(range(256)) * 2049  # two full blocks and a short one
+    table = b"".join(blake3.blake3(data[i : i + w.BLOCK_SIZE]).digest()
+                     for i in range(0, len(data), w.BLOCK_SIZE))
+    assert len(table) == 3 * 32
+    expected = blake3.blake3(w.CONTENT_DOMAIN + struct.pack(">QI", len(data), w.BLOCK_SIZE)
+                             + table).digest()
+    assert w.content_hash(data) == expected
+    hasher = w.ContentHasher()
+    hasher.update(data)
+    assert hasher.finish() == (table, expected)
+    # the empty shard: no blocks
+    empty = blake3.blake3(w.CONTENT_DOMAIN + struct.pack(">QI", 0, w.BLOCK_SIZE)).digest()
+    assert w.content_hash(b"") == empty == w.ContentHasher().finish()[1]
+    assert w.content_hash(b"\0") != empty
+    # a shard that fills its blocks exactly differs from one a byte longer or shorter
+    exact = b"e" * w.BLOCK_SIZE
+    assert len({w.content_hash(exact), w.content_hash(exact + b"e"),
+                w.content_hash(exact[:-1])}) == 3
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.integers(0, 3 * w.BLOCK_SIZE), max_size=6), st.integers(0, 250))
+def test_content_hash_does_not_depend_on_how_data_is_fed(sizes: list[int], seed: int) -> None:
+    total = sum(sizes)
+    data = (bytes(range(251)) * (total // 251 + 2))[seed : seed + total]
+    hasher = w.ContentHasher()
+    pos = 0
+    for n in sizes:
+        hasher.update(memoryview(data)[pos : pos + n])
+        pos += n
+    assert hasher.finish()[1] == w.content_hash(data)
+    assert hasher.size == len(data)
+
+
+# -- malformed frames and messages -----------------------------------------------------------
 
 
 GOOD_PUT = w.make_put(OWNER, CHAIN, NS, SID, 1, b"a", 1).to_wire()
 
 
-@pytest.mark.parametrize(("msg", "code"), [
-    ([1, 2], w.ErrorCode.MALFORMED),
-    ({"op": "get"}, w.ErrorCode.UNSUPPORTED_VERSION),
-    ({**GOOD_PUT, "v": 2}, w.ErrorCode.UNSUPPORTED_VERSION),
-    ({**GOOD_PUT, "op": "rename"}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "extra": 1}, w.ErrorCode.MALFORMED),
-    ({k: v for k, v in GOOD_PUT.items() if k != "sig"}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "shard_id": b"short"}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "ns": -1}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "ns": True}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "nonce": 0}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "size": 2}, w.ErrorCode.MALFORMED),  # first chunk must be min(size, chunk)
-    ({**GOOD_PUT, "size": w.MAX_SHARD_SIZE + 1}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "hash": b"x" * 31}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "data": "a"}, w.ErrorCode.MALFORMED),
-    ({**GOOD_PUT, "data": b"a" * (w.MAX_CHUNK + 1), "size": w.MAX_CHUNK + 1},
-     w.ErrorCode.TOO_LARGE),
-    ({**w.Get(NS, SID).to_wire(), "length": w.MAX_CHUNK + 1}, w.ErrorCode.MALFORMED),
-    (w.Append(NS, SID, 5, b"x").to_wire(), w.ErrorCode.BAD_STATE),  # no upload open
+@pytest.mark.parametrize(("msg", "payload", "code"), [
+    ([1, 2], b"", w.ErrorCode.MALFORMED),
+    ({"op": "get"}, b"", w.ErrorCode.UNSUPPORTED_VERSION),
+    ({**GOOD_PUT, "v": 1}, b"a", w.ErrorCode.UNSUPPORTED_VERSION),
+    ({**GOOD_PUT, "op": "rename"}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "extra": 1}, b"a", w.ErrorCode.MALFORMED),
+    ({k: v for k, v in GOOD_PUT.items() if k != "sig"}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "shard_id": b"short"}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "ns": -1}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "ns": True}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "nonce": 0}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "size": 2}, b"a", w.ErrorCode.MALFORMED),  # first chunk must be min(size, chunk)
+    (GOOD_PUT, b"", w.ErrorCode.MALFORMED),  # ... and it travels as the payload
+    (GOOD_PUT, b"ab", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "size": w.MAX_SHARD_SIZE + 1}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "hash": b"x" * 31}, b"a", w.ErrorCode.MALFORMED),
+    ({**GOOD_PUT, "data": b"a"}, b"a", w.ErrorCode.MALFORMED),  # data is not a header field
+    ({**w.Get(NS, SID).to_wire(), "length": w.MAX_CHUNK + 1}, b"", w.ErrorCode.MALFORMED),
+    (w.Get(NS, SID).to_wire(), b"x", w.ErrorCode.MALFORMED),  # a payload where none belongs
+    (w.Stat(NS).to_wire(), b"x", w.ErrorCode.MALFORMED),
+    (w.make_delete(OWNER, CHAIN, NS, SID, 1).to_wire(), b"x", w.ErrorCode.MALFORMED),
+    (w.Append(NS, SID, 5, b"x").to_wire(), b"", w.ErrorCode.MALFORMED),  # an empty append
+    (w.Append(NS, SID, 5, b"x").to_wire(), b"x", w.ErrorCode.BAD_STATE),  # no upload open
 ])
-def test_malformed_requests_are_protocol_errors(msg: Any, code: w.ErrorCode) -> None:
+def test_malformed_requests_are_protocol_errors(msg: Any, payload: bytes,
+                                                code: w.ErrorCode) -> None:
     conn = w.ServerConnection()
     with pytest.raises(w.ShardProtocolError) as exc:
-        feed(conn, msg)
+        feed(conn, msg, payload)
     assert exc.value.code is code
     assert w.Error(code, "").fatal
 
 
-def test_garbage_bytes_are_malformed() -> None:
+def test_an_oversized_payload_given_directly_is_too_large() -> None:
+    with pytest.raises(w.ShardProtocolError) as exc:
+        w.parse_request({**GOOD_PUT, "size": w.MAX_CHUNK + 1}, b"a" * (w.MAX_CHUNK + 1))
+    assert exc.value.code is w.ErrorCode.TOO_LARGE
+
+
+@pytest.mark.parametrize("frame", [
+    struct.pack(">II", 3, 0) + b"\xc1\xc1\xc1",  # not msgpack
+    struct.pack(">II", 0, 0),  # no header at all
+    struct.pack(">II", 2, 0) + pack(7) + pack(7),  # two values
+])
+def test_garbage_bytes_are_malformed(frame: bytes) -> None:
     conn = w.ServerConnection()
-    conn.receive_data(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+    conn.receive_data(frame)
     with pytest.raises(w.ShardProtocolError) as exc:
         conn.next_request()
     assert exc.value.code is w.ErrorCode.MALFORMED
@@ -308,15 +481,26 @@ def test_connection_misuse_is_a_local_error() -> None:
         w.make_delete(OWNER, CHAIN, NS, b"short", 1)
 
 
-@pytest.mark.parametrize("msg", [
-    [], {"v": 1, "ok": 1}, {"v": 1, "ok": True, "r": "nope"},
-    {"v": 1, "ok": False, "code": "weird", "message": ""},
-    {"v": 1, "ok": True, "r": "stored", "size": 1, "hash": b"short"},
-    {"v": 1, "ok": True, "r": "stat", "used": 1, "quota": 2},
+_H = hash_bytes(b"")
+
+
+@pytest.mark.parametrize(("msg", "payload"), [
+    ([], b""), ({"v": 2, "ok": 1}, b""), ({"v": 2, "ok": True, "r": "nope"}, b""),
+    ({"v": 1, "ok": True, "r": "accepted", "received": 1}, b""),
+    ({"v": 2, "ok": False, "code": "weird", "message": ""}, b""),
+    ({"v": 2, "ok": True, "r": "stored", "size": 1, "hash": b"short"}, b""),
+    ({"v": 2, "ok": True, "r": "stat", "used": 1, "quota": 2}, b""),
+    ({"v": 2, "ok": True, "r": "stored", "size": 1, "hash": _H}, b"x"),  # payload not allowed
+    ({"v": 2, "ok": False, "code": "replay", "message": ""}, b"x"),
+    ({"v": 2, "ok": True, "r": "data", "size": 1, "hash": _H, "offset": 0, "data": b"x"}, b""),
 ])
-def test_malformed_responses_are_protocol_errors(msg: Any) -> None:
+def test_malformed_responses_are_protocol_errors(msg: Any, payload: bytes) -> None:
     with pytest.raises(w.ShardProtocolError):
-        w.parse_response(msg)
+        w.parse_response(msg, payload)
+    client = w.ClientConnection()
+    client.receive_data(raw_frame(msg, payload))
+    with pytest.raises(w.ShardProtocolError):
+        client.next_response()
 
 
 def test_next_nonce_increases() -> None:

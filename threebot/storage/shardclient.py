@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 
 import trio
@@ -20,7 +21,12 @@ from threebot.storage.errors import ShardStoreError
 from zos_agent import shardwire as w
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
-_RECV = 1 << 18
+# A read asks the socket for what the answer being read still lacks, clamped to
+# _RECV.._MAX_RECV (reads of 512 KiB or more cost 2-4 times the CPU per byte: each one
+# allocates its full size).
+_RECV = 1 << 16
+_MAX_RECV = 1 << 18
+_JOIN_BELOW = 1 << 16  # a payload this small is sent in one piece with its head
 _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
@@ -120,7 +126,12 @@ class ShardConnection:
         if self.broken:
             raise ShardStoreError("unreachable", f"{self.endpoint}: connection already failed")
         with self._errors(), trio.fail_after(self._timeout_s):
-            await self._stream.send_all(self._conn.send(req))
+            head, payload = self._conn.send_parts(req)  # the payload is not copied
+            if w.nbytes(payload) < _JOIN_BELOW:
+                await self._stream.send_all(head + payload if payload else head)
+            else:
+                await self._stream.send_all(head)
+                await self._stream.send_all(payload)
         self.pending += 1
 
     async def receive_response(self) -> w.Response:
@@ -140,10 +151,11 @@ class ShardConnection:
                 resp = self._conn.next_response()
                 if not isinstance(resp, w.NeedData):
                     break
-                data = await self._stream.receive_some(_RECV)
+                data = await self._stream.receive_some(
+                    min(max(self._conn.needed, _RECV), _MAX_RECV))
                 if not data:
                     raise ShardStoreError("unreachable", f"{self.endpoint}: the store closed the connection")
-                self._conn.receive_data(bytes(data))
+                self._conn.receive_data(data)
         self.pending -= 1
         if isinstance(resp, w.Error):
             if resp.fatal or self.pending:
@@ -164,21 +176,24 @@ class ShardConnection:
         return await self.receive_response()
 
     async def get_object(self, ns: int, shard_id: bytes, max_size: int) -> bytes:
-        """A whole stored object of at most ``max_size`` bytes, by ranged gets."""
-        out = bytearray()
+        """A whole stored object of at most ``max_size`` bytes, by ranged gets (the chunks
+        joined once; an object of one chunk is returned as received)."""
+        parts: list[bytes] = []
+        got = 0
         while True:
-            resp = await self.request(w.Get(ns, shard_id, len(out), w.MAX_CHUNK))
-            if not isinstance(resp, w.Data) or resp.offset != len(out):
+            resp = await self.request(w.Get(ns, shard_id, got, w.MAX_CHUNK))
+            if not isinstance(resp, w.Data) or resp.offset != got:
                 raise self.unexpected("get")
             if resp.size > max_size:
                 raise ShardStoreError("corrupt", f"{self.endpoint}: object of {resp.size} bytes, "
                                                  f"at most {max_size} expected")
-            out += resp.data
-            if len(out) >= resp.size or not resp.data:
+            parts.append(resp.data)
+            got += len(resp.data)
+            if got >= resp.size or not resp.data:
                 break
-        if len(out) != resp.size:
+        if got != resp.size:
             raise self.unexpected("get (short object)")
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def get_range(self, ns: int, shard_id: bytes, offset: int, length: int) -> bytes:
         """``length`` (<= MAX_CHUNK) bytes at ``offset``; fewer only at the object's end."""
@@ -188,8 +203,9 @@ class ShardConnection:
         return resp.data
 
     async def put_object(self, key: keys.KeyPair, chain_id: str, ns: int, shard_id: bytes,
-                         data: bytes, nonce: int) -> None:
-        """Store ``data`` whole (the put signs its hash); replaces an existing object."""
+                         data: w.Bytes, nonce: int) -> None:
+        """Store ``data`` whole (the put signs its content hash; the chunks are sent as slices
+        of ``data``, not copies); replaces an existing object."""
         reqs = w.upload_requests(key, chain_id, ns, shard_id, data, nonce)
         for i, req in enumerate(reqs):
             resp = await self.request(req)
@@ -229,7 +245,9 @@ class ShardUpload:
     """A streaming upload of one ``size``-byte shard on a connection of its own: a signed put
     carrying the first MAX_CHUNK bytes, then appends, up to ``depth`` frames in flight (the
     store answers them in order, so it writes one while the next is on the wire). Bytes are
-    buffered up to one frame."""
+    buffered up to one frame, by reference: a frame is joined once from the pieces given to
+    :meth:`write` (or is a slice of one piece, not copied), so a piece must not change after
+    it was written."""
 
     def __init__(self, conn: ShardConnection, key: keys.KeyPair, chain_id: str, ns: int,
                  shard_id: bytes, size: int, nonce: int, depth: int = 2) -> None:
@@ -242,29 +260,58 @@ class ShardUpload:
         self._nonce = nonce
         self._depth = max(1, depth)
         self._sent = 0
-        self._buf = bytearray()
+        self._frames = 0
+        self._pieces: deque[w.Bytes] = deque()
+        self._buffered = 0  # bytes in _pieces
         self.stored: w.Stored | None = None
 
-    async def write(self, data: bytes) -> None:
-        """Queue ``data``; sends full frames. Raises :class:`ShardStoreError`."""
-        if self._sent + len(self._buf) + len(data) > self._size:
+    async def write(self, data: w.Bytes) -> None:
+        """Queue ``data`` (any bytes-like); sends full frames. Raises :class:`ShardStoreError`."""
+        n = w.nbytes(data)
+        if self._sent + self._buffered + n > self._size:
             raise ShardStoreError("protocol", f"shard upload overran its {self._size} bytes")
-        self._buf += data
-        while len(self._buf) >= w.MAX_CHUNK:
+        if n:
+            self._pieces.append(data)
+            self._buffered += n
+        while self._buffered >= w.MAX_CHUNK:
             await self._send(w.MAX_CHUNK)
-        if self._sent + len(self._buf) == self._size and (self._buf or self._sent == 0):
-            await self._send(len(self._buf))
+        if self._sent + self._buffered == self._size and (self._buffered or self._frames == 0):
+            await self._send(self._buffered)
+
+    def _take(self, n: int) -> w.Bytes:
+        """The next ``n`` buffered bytes: a piece or a slice of one as it is, else the pieces
+        joined (one copy)."""
+        self._buffered -= n
+        if n == 0:
+            return b""
+        pieces = self._pieces
+        first = pieces[0]
+        size = w.nbytes(first)
+        if size >= n:
+            pieces.popleft()
+            if size == n:
+                return first
+            view = memoryview(first).cast("B")
+            pieces.appendleft(view[n:])
+            return view[:n]
+        parts: list[w.Bytes] = []
+        while n:
+            piece = pieces.popleft()
+            size = w.nbytes(piece)
+            if size > n:
+                view = memoryview(piece).cast("B")
+                parts.append(view[:n])
+                pieces.appendleft(view[n:])
+                break
+            parts.append(piece)
+            n -= size
+        return b"".join(parts)
 
     async def _send(self, n: int) -> None:
-        if n == len(self._buf):
-            chunk = bytes(self._buf)
-            self._buf.clear()
-        else:
-            chunk = bytes(memoryview(self._buf)[:n])
-            del self._buf[:n]
         while self._conn.pending >= self._depth:
             await self._ack()
-        if self._sent == 0:
+        chunk = self._take(n)
+        if self._frames == 0:
             req: w.Request = w.make_put(self._key, self._chain_id, self._ns, self._sid,
                                         self._size, chunk, self._nonce)
         else:
@@ -272,6 +319,7 @@ class ShardUpload:
         del chunk
         await self._conn.send_request(req)
         self._sent += n
+        self._frames += 1
         if self._sent == self._size:
             while self._conn.pending:
                 await self._ack()
