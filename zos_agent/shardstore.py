@@ -81,7 +81,10 @@ RELOAD_POLL_S: Final = 1.0
 _RECV: Final = 64 * 1024
 _MAX_RECV: Final = 256 * 1024
 _JOIN_BELOW: Final = 64 * 1024  # a payload this small is sent in one piece with its head
-_VERIFY_SPAN: Final = 16  # blocks read at once by verify_file
+_VERIFY_SPAN: Final = 4  # blocks read at once by verify_file (into one reused buffer)
+# Worker threads doing file work at once, store-wide: each holds up to a frame (1 MiB) or a
+# verify span, so this bounds the store's memory whatever the number of clients.
+FILE_WORKERS: Final = 2
 
 
 def _hash(data: w.Bytes) -> bytes:
@@ -239,7 +242,7 @@ def _open(path: Path) -> int:
         raise Missing("no such shard") from None
 
 
-def _check_blocks(data: bytes, table: bytes, block_size: int, first: int) -> None:
+def _check_blocks(data: bytes | memoryview, table: bytes, block_size: int, first: int) -> None:
     """Every block of ``data`` (blocks ``first``...) against its entry of ``table``; hashed
     through memoryview slices, not copies. Raises :class:`Corrupt`."""
     view, hashes = memoryview(data), memoryview(table)
@@ -283,12 +286,19 @@ def verify_file(path: Path) -> ShardHeader:
         table = _pread_exact(fd, HASH_SIZE * hdr.blocks, HEADER_FIXED)
         if w.table_content_hash(hdr.size, table, hdr.block_size) != hdr.shard_hash:
             raise Corrupt("block-hash table does not match the shard hash")
-        span = hdr.block_size * _VERIFY_SPAN
+        buf = bytearray(min(hdr.block_size * _VERIFY_SPAN, hdr.size))
+        view = memoryview(buf)
         for first in range(0, hdr.blocks, _VERIFY_SPAN):
             start = first * hdr.block_size
-            data = _pread_exact(fd, min(span, hdr.size - start), hdr.data_offset + start)
+            want = min(len(buf), hdr.size - start)
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [view[got:want]], hdr.data_offset + start + got)
+                if n <= 0:
+                    raise Corrupt("shard file is shorter than its header says")
+                got += n
             end = min(first + _VERIFY_SPAN, hdr.blocks)
-            _check_blocks(data, table[first * HASH_SIZE : end * HASH_SIZE], hdr.block_size, first)
+            _check_blocks(view[:want], table[first * HASH_SIZE : end * HASH_SIZE], hdr.block_size, first)
         if os.fstat(fd).st_size != hdr.data_offset + hdr.size:
             raise Corrupt("shard file has trailing bytes")
         return hdr
@@ -501,6 +511,7 @@ class ShardStore:
         self.chain_id = chain_id
         self._loaded: dict[int, _Namespace] = {}
         self._load_lock = trio.Lock()
+        self._files = trio.CapacityLimiter(FILE_WORKERS)
 
     async def _namespace(self, ns: int) -> tuple[_Namespace, w.NamespaceInfo]:
         info = self.namespaces().get(ns)
@@ -584,7 +595,7 @@ class ShardStore:
                 writer.discard()
                 raise
 
-        session.writer, shard_hash = await trio.to_thread.run_sync(start)
+        session.writer, shard_hash = await trio.to_thread.run_sync(start, limiter=self._files)
         return await self._written(session, req.shard_id, shard_hash, b"")
 
     async def _append(self, req: w.Append, session: Session) -> w.Response:
@@ -592,7 +603,8 @@ class ShardStore:
             raise _refuse(w.ErrorCode.BAD_STATE, "no upload open")
         if self.namespaces().get(req.ns) is None:
             raise _refuse(w.ErrorCode.UNKNOWN_NAMESPACE, f"namespace {req.ns} was removed")
-        shard_hash = await trio.to_thread.run_sync(session.writer.write_and_finish, req.data)
+        shard_hash = await trio.to_thread.run_sync(
+            session.writer.write_and_finish, req.data, limiter=self._files)
         return await self._written(session, req.shard_id, shard_hash, req.hash)
 
     async def _written(self, session: Session, shard_id: bytes, shard_hash: bytes | None,
@@ -619,7 +631,8 @@ class ShardStore:
         ns, _ = await self._namespace(req.ns)
         path = ns.dir.shard_path(req.shard_id)
         try:
-            hdr, data = await trio.to_thread.run_sync(read_range, path, req.offset, req.length)
+            hdr, data = await trio.to_thread.run_sync(
+                read_range, path, req.offset, req.length, limiter=self._files)
         except Missing:
             raise _refuse(w.ErrorCode.NOT_FOUND, "no such shard") from None
         except Corrupt as exc:
@@ -630,7 +643,8 @@ class ShardStore:
     async def _verify(self, req: w.Verify) -> w.Response:
         ns, _ = await self._namespace(req.ns)
         try:
-            hdr = await trio.to_thread.run_sync(verify_file, ns.dir.shard_path(req.shard_id))
+            hdr = await trio.to_thread.run_sync(
+                verify_file, ns.dir.shard_path(req.shard_id), limiter=self._files)
         except Missing:
             raise _refuse(w.ErrorCode.NOT_FOUND, "no such shard") from None
         except Corrupt as exc:
