@@ -5,6 +5,7 @@ local object index (``HOME/storage.json``), and ``bot run`` repairs what any of 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,10 @@ async def open_storage(home: Home, settings: Settings | None = None) -> AsyncIte
     """
     key = home.load_identity()
     genesis = home.load_genesis()
+    # Moving an object creates many short-lived containers (frames, tasks, block lists), so
+    # the collector runs often; without this each full pass also walks the ~10^5 objects the
+    # imports created, which never die. Measured on a 256 MiB get: 0.3 CPU-s less.
+    gc.freeze()
     async with open_client(home) as ledger:
         grid = LedgerGrid(ledger, genesis, key, os.urandom)
         yield StorageClient(grid, key, LocalIndex(index_path(home)), random_bytes=os.urandom,
