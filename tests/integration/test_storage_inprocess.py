@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from ledger import keys
-from threebot.storage import client as client_module
 from threebot.storage import codec as c
 from threebot.storage.client import Settings, StorageClient
 from threebot.storage.errors import (
@@ -30,6 +29,7 @@ from threebot.storage.errors import (
 )
 from threebot.storage.grid import NamespaceView, NodeView
 from threebot.storage.index import LocalIndex
+from threebot.storage.outfile import OutputFile
 from zos_agent import shardstore
 from zos_agent import shardwire as w
 
@@ -458,13 +458,15 @@ async def test_disk_full_during_get_leaves_nothing(env: tuple[MemoryGrid, Storag
     res = await client.put(tmp / "a")
     calls = {"n": 0}
 
-    def full(fd: int, data: bytes) -> None:
+    real_write = OutputFile.write
+
+    def full(self: OutputFile, data: bytes | memoryview) -> None:
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        os.write(fd, data)
+        real_write(self, data)
 
-    monkeypatch.setattr(client_module, "_write_all", full)
+    monkeypatch.setattr(OutputFile, "write", full)
     with pytest.raises(StorageError, match="No space left on device"):
         await client.get(res.cap, tmp / "out")
     assert not (tmp / "out").exists()

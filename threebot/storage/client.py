@@ -67,6 +67,7 @@ from threebot.storage.errors import (
 )
 from threebot.storage.grid import Grid, NamespaceView, NodeView
 from threebot.storage.index import IndexEntry, LocalIndex
+from threebot.storage.outfile import OutputFile
 from threebot.storage.shardclient import (
     Connector,
     NonceSource,
@@ -272,13 +273,17 @@ class _Fetch:
         self._stop = self._p.segment_count(manifest.size) if stop is None else stop
         self.position = first
         self._blocks: dict[int, dict[int, c.Block]] = {}
-        self._changed = _Changed()
+        # Two signals, so a block arriving does not wake every reader (16+ tasks) and the
+        # consumer moving on does not wake the loop that collects blocks.
+        self._arrived = _Changed()  # blocks came in, or a reader failed: run() looks
+        self._advanced = _Changed()  # the consumer moved on: readers may ask for more
         self._alive = set(endpoints) - set(self.failed)
 
     def _fail(self, shard: int, why: str) -> None:
         self.failed[shard] = why
         self._alive.discard(shard)
-        self._changed.notify()
+        self._arrived.notify()
+        self._advanced.notify()
 
     async def _reader(self, shard: int) -> None:
         entry = self._m.shards[shard]
@@ -341,7 +346,7 @@ class _Fetch:
                         continue
                     if want <= 0:
                         return
-                    await self._changed.wait()
+                    await self._advanced.wait()
         except (StorageError, TfgridError) as exc:
             self._fail(shard, _reason(exc))
 
@@ -353,7 +358,7 @@ class _Fetch:
                 if len(have) < k:
                     have[shard] = block
         if got:
-            self._changed.notify()
+            self._arrived.notify()
 
     async def run(self, send: trio.MemorySendChannel[tuple[int, dict[int, c.Block]]]) -> None:
         """Send (segment, ``k`` verified blocks) in order, then close ``send``.
@@ -385,7 +390,7 @@ class _Fetch:
                 if len(have) >= k:
                     self._blocks.pop(s, None)
                     self.position += 1
-                    self._changed.notify()
+                    self._advanced.notify()
                     await send.send((s, have))
                     continue
                 reachable = len(self._alive | set(have))
@@ -393,7 +398,7 @@ class _Fetch:
                     raise self.not_enough(reachable)
                 start(k - len(started & self._alive))  # replace readers that failed
                 with trio.move_on_after(spare_after) as waited:
-                    await self._changed.wait()
+                    await self._arrived.wait()
                 missing = k - len(self._blocks.get(s, {}))
                 if waited.cancelled_caught and self.position == s and missing > 0:
                     start(missing)  # readers are slow (or hang): as many more shards as are missing
@@ -875,19 +880,22 @@ class StorageClient:
         except OSError as exc:
             raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
         done = False
+        output: OutputFile | None = None
         try:
+            output = sink = OutputFile(fd, tmp, p.segment_size)
+
             def decode(item: tuple[int, dict[int, c.Block]]) -> bytes:
                 s, blocks = item
                 return c.decode_segment(cipher, coder, p, m.size, s, blocks)
 
             async def write(plain: bytes) -> None:
                 try:
-                    await trio.to_thread.run_sync(_write_all, fd, plain)
+                    await trio.to_thread.run_sync(sink.write, plain)
                 except OSError as exc:
                     raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
             await fetch.each(decode, self.settings.workers, write)
-            await trio.to_thread.run_sync(os.fsync, fd)
+            await trio.to_thread.run_sync(sink.finish)
             os.close(fd)
             fd = -1
             os.replace(tmp, out)
@@ -895,6 +903,8 @@ class StorageClient:
         except OSError as exc:
             raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
         finally:
+            if output is not None:
+                output.close()
             if fd >= 0:
                 os.close(fd)
             if not done:
@@ -1179,10 +1189,3 @@ def _spread(nodes: Sequence[NodeView], count: int, reuse: set[int]) -> list[Node
         countries[best.country] += 1
         farms[best.farm] += 1
     return chosen
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
