@@ -75,9 +75,12 @@ HEADER_FIXED: Final = _FIXED.size + HASH_SIZE  # 88
 IDLE_TIMEOUT_S: Final = 60.0
 MAX_CONNECTIONS: Final = 256
 RELOAD_POLL_S: Final = 1.0
-# A connection asks the socket for what the frame being read still lacks, but at least
-# _RECV and at most _MAX_RECV bytes: measured here, reads of 512 KiB or more cost 2-4 times
-# the CPU per byte of 64-256 KiB reads (each read allocates its full size).
+# A connection over a TCP socket receives each request's payload straight into one buffer of
+# MAX_CHUNK bytes (socket.recv_into; nothing allocated or copied per frame), and its prefix
+# and header with reads of at most what they lack. Over any other stream it asks for what
+# the frame being read still lacks, but at least _RECV and at most _MAX_RECV bytes:
+# measured here, reads of 512 KiB or more cost 2-4 times the CPU per byte of 64-256 KiB
+# reads (each read allocates its full size).
 _RECV: Final = 64 * 1024
 _MAX_RECV: Final = 256 * 1024
 _JOIN_BELOW: Final = 64 * 1024  # a payload this small is sent in one piece with its head
@@ -671,18 +674,36 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
 
     Whatever goes wrong ends this connection only (its upload is discarded).
     """
-    conn = w.ServerConnection()
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    # Over a socket: one payload buffer for the connection's whole life (see _RECV).
+    conn = w.ServerConnection(payload_buffer=sock is not None)
     session = Session()
     try:
         while True:
             req = conn.next_request()
             if isinstance(req, w.NeedData):
                 with trio.fail_after(idle_timeout_s):
-                    data = await stream.receive_some(min(max(conn.needed, _RECV), _MAX_RECV))
+                    if sock is None:
+                        data = await stream.receive_some(min(max(conn.needed, _RECV), _MAX_RECV))
+                    elif (view := conn.payload_view()) is not None:
+                        got = await _recv_into(sock, view)
+                        if not got:
+                            return
+                        conn.commit_payload(got)
+                        continue
+                    else:  # the prefix or the header: never past it, into the payload
+                        data = await stream.receive_some(conn.head_needed)
                 if not data:
                     return
                 conn.receive_data(data)
                 continue
+            # Over a socket, a put's or append's ``data`` is a view of the connection's payload
+            # buffer, which the next frame's payload overwrites. That is safe because a request
+            # is finished with before anything more is received: handle() returns only once
+            # the worker thread that writes and hashes ``data`` is done (to_thread.run_sync
+            # waits for it even when cancelled), and nothing keeps ``data`` afterwards (the
+            # Session and ServerConnection.upload keep sizes and hashes, never the bytes).
+            # Keep it so: a request type that kept ``data`` past handle() would see it change.
             resp = await store.handle(req, session)
             head, payload = conn.send_parts(resp)
             with trio.fail_after(idle_timeout_s):
@@ -704,6 +725,14 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
         session.release()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+async def _recv_into(sock: trio.socket.SocketType, view: memoryview) -> int:
+    """``sock.recv_into(view)``, a failure raised as the stream error ``receive_some`` raises."""
+    try:
+        return await sock.recv_into(view)
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.NamespaceInfo]],

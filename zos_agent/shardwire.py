@@ -28,7 +28,10 @@ The sans-IO connections give the encoded frame in two parts, ``(head, payload)``
 ``head`` then, if not empty, ``payload``. On receipt the payload is copied at most once
 (joined from the received chunks; taken as it is when it arrived as one chunk), and
 :attr:`ClientConnection.needed` / :attr:`ServerConnection.needed` say how many bytes the frame
-being read still lacks, so a driver can ask the socket for that much.
+being read still lacks, so a driver can ask the socket for that much. A server connection
+given a payload buffer (the store's, one per connection) is not copied into at all: its driver
+receives each payload straight into the buffer (:meth:`ServerConnection.payload_view`,
+:meth:`ServerConnection.commit_payload`) and the request's ``data`` is a view of it.
 
 Chunking (why frames are small although shards are not)
 -------------------------------------------------------
@@ -314,13 +317,12 @@ def _bytes(msg: dict[str, Any], name: str, sizes: tuple[int, ...]) -> bytes:
     return value
 
 
-def _payload(payload: bytes) -> bytes:
+def _check_chunk(payload: bytes | memoryview) -> None:
     if len(payload) > MAX_CHUNK:
         raise ShardProtocolError(ErrorCode.TOO_LARGE, f"chunk of {len(payload)} bytes > {MAX_CHUNK}")
-    return payload
 
 
-def _no_payload(what: str, payload: bytes) -> None:
+def _no_payload(what: str, payload: bytes | memoryview) -> None:
     if payload:
         raise _bad(f"{what} carries no payload, got {len(payload)} bytes")
 
@@ -353,7 +355,8 @@ _VERIFY = frozenset({"v", "op", "ns", "shard_id"})
 class Put:
     """Start (and, if ``data`` is the whole shard, finish) an upload of ``size`` bytes.
 
-    ``data`` travels as the frame's payload (received: ``bytes``; sent: any bytes-like)."""
+    ``data`` travels as the frame's payload (received: ``bytes``, or a memoryview of the
+    store's payload buffer, see :class:`ServerConnection`; sent: any bytes-like)."""
 
     ns: int
     shard_id: bytes
@@ -379,10 +382,11 @@ class Put:
         }
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any], payload: bytes = b"") -> Put:
+    def from_wire(cls, msg: dict[str, Any], payload: bytes | memoryview = b"") -> Put:
         _fields(msg, _PUT)
         size = _int(msg, "size", 0, MAX_SHARD_SIZE)
-        data = _payload(payload)
+        _check_chunk(payload)
+        data = payload
         if len(data) != min(size, MAX_CHUNK):
             raise _bad(f"a put carries the first min(size, {MAX_CHUNK}) bytes, got {len(data)}")
         return cls(
@@ -395,7 +399,8 @@ class Put:
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """The next chunk of the upload open on this connection (``data``: the payload)."""
+    """The next chunk of the upload open on this connection (``data``: the payload, typed
+    as a put's)."""
 
     ns: int
     shard_id: bytes
@@ -410,9 +415,10 @@ class Append:
         }
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any], payload: bytes = b"") -> Append:
+    def from_wire(cls, msg: dict[str, Any], payload: bytes | memoryview = b"") -> Append:
         _fields(msg, _APPEND)
-        data = _payload(payload)
+        _check_chunk(payload)
+        data = payload
         if not data:
             raise _bad("an append carries at least one byte")
         return cls(
@@ -505,7 +511,7 @@ _REQUESTS: dict[str, type[Put] | type[Append] | type[Get] | type[Delete] | type[
 }
 
 
-def parse_request(msg: Any, payload: bytes = b"") -> Request:
+def parse_request(msg: Any, payload: bytes | memoryview = b"") -> Request:
     """A request from a decoded frame's header map and payload.
 
     Raises :class:`ShardProtocolError` (``malformed``, ``too_large``, ``unsupported_version``).
@@ -662,9 +668,10 @@ def parse_response(msg: Any, payload: bytes = b"") -> Response:
         case "stored":
             return Stored(_int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)))
         case "data":
+            _check_chunk(payload)
             return Data(
                 _int(msg, "size", 0, MAX_SHARD_SIZE), _bytes(msg, "hash", (HASH_SIZE,)),
-                _int(msg, "offset", 0, MAX_SHARD_SIZE), _payload(payload),
+                _int(msg, "offset", 0, MAX_SHARD_SIZE), payload,
             )
         case "deleted":
             return Deleted(_int(msg, "freed", 0, MAX_SHARD_SIZE))
@@ -857,15 +864,33 @@ class FrameReader:
     is exactly one received chunk, else joined once from slices of the chunks. Both lengths
     are checked as soon as a frame's prefix is in: a :class:`ShardProtocolError`
     (``too_large``) then, before any of its body is buffered beyond what already arrived.
+
+    With ``payload_buffer=True``, payloads are received straight into one bytearray of
+    :data:`MAX_CHUNK` bytes instead, allocated on the first frame that has a payload (a
+    connection that only reads never holds one) and reused for every later frame: once a
+    frame's prefix and header are in, :meth:`payload_view` is a writable view of the payload
+    bytes still missing; a driver receives into it (``socket.recv_into``) and reports how
+    many bytes it got with :meth:`commit_payload`. Reading at most :attr:`head_needed` bytes at a time
+    until then never reads past the header, so no payload byte is copied; payload bytes that
+    did arrive through :meth:`receive_data` are copied into the buffer, and bytes of the
+    next frame stay queued. :meth:`next_frame` then gives the payload as a memoryview of the
+    buffer, valid only until the next call of :meth:`receive_data`, :meth:`commit_payload`
+    or :meth:`next_frame` (which may reuse the buffer for the next frame).
     """
 
-    __slots__ = ("_chunks", "_pos", "_buffered", "_lengths")
+    __slots__ = ("_chunks", "_pos", "_buffered", "_lengths", "_into", "_buf", "_head", "_filled")
 
-    def __init__(self) -> None:
+    def __init__(self, payload_buffer: bool = False) -> None:
         self._chunks: deque[bytes] = deque()
         self._pos = 0  # bytes of _chunks[0] already taken
         self._buffered = 0  # bytes received and not taken
         self._lengths: tuple[int, int] | None = None  # (H, P) of the frame being read
+        self._into = payload_buffer
+        self._buf: memoryview | None = None  # the payload buffer, once a payload came
+        # With a payload buffer, once the frame's header is in: the header, and how many
+        # payload bytes _buf holds (the queued chunks then hold bytes of later frames only).
+        self._head: bytes | None = None
+        self._filled = 0
 
     @property
     def needed(self) -> int:
@@ -874,48 +899,136 @@ class FrameReader:
         if self._lengths is None:
             return max(PREFIX_SIZE - self._buffered, 0)
         head, payload = self._lengths
+        if self._head is not None:
+            return payload - self._filled
         return max(head + payload - self._buffered, 0)
+
+    @property
+    def head_needed(self) -> int:
+        """Bytes still missing before the frame's prefix, then its header, are complete (0
+        once both are): as much as a driver may read without reading into the payload."""
+        if self._lengths is None:
+            return max(PREFIX_SIZE - self._buffered, 0)
+        if self._head is not None:
+            return 0
+        return max(self._lengths[0] - self._buffered, 0)
 
     def receive_data(self, data: Bytes) -> None:
         """Raises :class:`ShardProtocolError` (``too_large``) if a frame announces too much."""
-        if not nbytes(data):
+        n = nbytes(data)
+        if not n:
             return
+        if self._head is not None and self._lengths is not None and self._buf is not None:
+            # The payload goes into the buffer (the queue is empty while it is incomplete).
+            missing = self._lengths[1] - self._filled
+            if missing:
+                view = memoryview(_flat(data))
+                take = min(missing, n)
+                self._buf[self._filled : self._filled + take] = view[:take]
+                self._filled += take
+                if take == n:
+                    return
+                data = view[take:]
         chunk = data if type(data) is bytes else bytes(data)
         self._chunks.append(chunk)
         self._buffered += len(chunk)
-        self._read_prefix()
+        self._advance()
 
-    def _read_prefix(self) -> None:
-        if self._lengths is not None or self._buffered < PREFIX_SIZE:
+    def payload_view(self) -> memoryview | None:
+        """With a payload buffer, once the frame's prefix and header are in and part of its
+        payload is not: a writable view of exactly the missing payload bytes (fill its start,
+        then :meth:`commit_payload`). None otherwise: read up to :attr:`head_needed` bytes and
+        :meth:`receive_data` them, or call :meth:`next_frame`."""
+        if self._head is None or self._lengths is None or self._buf is None:
+            return None
+        payload = self._lengths[1]
+        if self._filled == payload:
+            return None
+        return self._buf[self._filled : payload]
+
+    def commit_payload(self, n: int) -> None:
+        """Record that the first ``n`` bytes of :meth:`payload_view` were filled.
+
+        Raises :class:`LocalProtocolError` if no payload is being received or ``n`` is more
+        than it lacks.
+        """
+        if self._head is None or self._lengths is None:
+            raise LocalProtocolError("no payload is being received into the buffer")
+        missing = self._lengths[1] - self._filled
+        if not 0 <= n <= missing:
+            raise LocalProtocolError(f"{n} bytes committed; the payload lacks {missing}")
+        self._filled += n
+
+    def _advance(self) -> None:
+        """Read the prefix once it is in and, with a payload buffer, take the header once it
+        is in and move the payload bytes already queued into the buffer."""
+        if self._lengths is None:
+            if self._buffered < PREFIX_SIZE:
+                return
+            head, payload = _PREFIX.unpack(self._take(PREFIX_SIZE))
+            if head > MAX_HEADER:
+                raise ShardProtocolError(
+                    ErrorCode.TOO_LARGE, f"frame header of {head} bytes exceeds limit {MAX_HEADER}")
+            if payload > MAX_CHUNK:
+                raise ShardProtocolError(
+                    ErrorCode.TOO_LARGE, f"frame payload of {payload} bytes exceeds limit {MAX_CHUNK}")
+            self._lengths = (head, payload)
+        if not self._into or self._head is not None:
             return
-        head, payload = _PREFIX.unpack(self._take(PREFIX_SIZE))
-        if head > MAX_HEADER:
-            raise ShardProtocolError(
-                ErrorCode.TOO_LARGE, f"frame header of {head} bytes exceeds limit {MAX_HEADER}")
-        if payload > MAX_CHUNK:
-            raise ShardProtocolError(
-                ErrorCode.TOO_LARGE, f"frame payload of {payload} bytes exceeds limit {MAX_CHUNK}")
-        self._lengths = (head, payload)
+        head, payload = self._lengths
+        if self._buffered < head:
+            return
+        self._head = self._take(head)
+        self._filled = min(payload, self._buffered)
+        if payload:
+            if self._buf is None:
+                self._buf = memoryview(bytearray(MAX_CHUNK))
+            self._take_into(self._buf[: self._filled])
 
-    def next_frame(self) -> tuple[Any, bytes] | NeedData:
-        """The next frame's decoded header and its payload, or :data:`NEED_DATA`.
+    def next_frame(self) -> tuple[Any, bytes | memoryview] | NeedData:
+        """The next frame's decoded header and its payload, or :data:`NEED_DATA`. The payload
+        is ``bytes``, or with a payload buffer a memoryview of it (see the class).
 
         Raises :class:`ShardProtocolError` (``too_large``, ``malformed``).
         """
-        self._read_prefix()
+        self._advance()
         if self._lengths is None:
             return NEED_DATA
         head, payload = self._lengths
-        if self._buffered < head + payload:
-            return NEED_DATA
-        raw = self._take(head)
-        body = self._take(payload)
+        body: bytes | memoryview
+        if self._into:
+            if self._head is None or self._filled < payload:
+                return NEED_DATA
+            raw = self._head
+            body = self._buf[:payload] if payload and self._buf is not None else b""
+            self._head, self._filled = None, 0
+        else:
+            if self._buffered < head + payload:
+                return NEED_DATA
+            raw = self._take(head)
+            body = self._take(payload)
         self._lengths = None
         try:
             msg = unpack(raw, max_size=MAX_HEADER)
         except MalformedFrame as exc:
             raise ShardProtocolError(ErrorCode.MALFORMED, f"frame header: {exc}") from None
         return msg, body
+
+    def _take_into(self, dest: memoryview) -> None:
+        """Copy the next ``len(dest)`` buffered bytes into ``dest`` (there are that many)."""
+        n = len(dest)
+        self._buffered -= n
+        done = 0
+        while done < n:
+            chunk, pos = self._chunks[0], self._pos
+            take = min(len(chunk) - pos, n - done)
+            dest[done : done + take] = memoryview(chunk)[pos : pos + take]
+            done += take
+            if pos + take == len(chunk):
+                self._chunks.popleft()
+                self._pos = 0
+            else:
+                self._pos = pos + take
 
     def _take(self, n: int) -> bytes:
         """The next ``n`` buffered bytes (the caller checked that there are that many)."""
@@ -960,6 +1073,11 @@ class Upload:
 class ServerConnection:
     """The store's end of one connection.
 
+    With ``payload_buffer=True`` (see :class:`FrameReader`) the ``data`` of a put or append is
+    a memoryview of the connection's payload buffer, overwritten by the next request's
+    payload: finish with a request (and drop every reference to its ``data``) before
+    receiving more.
+
     Rules: requests and responses alternate (:meth:`next_request` returns nothing new until
     :meth:`send_parts` answered the previous request). A ``put`` whose answer is ``accepted``
     opens an upload; an ``append`` must continue it exactly (same ns and shard id, ``offset`` =
@@ -968,8 +1086,8 @@ class ServerConnection:
     :meth:`next_request` means: send :meth:`error_frame` and close the connection.
     """
 
-    def __init__(self) -> None:
-        self._reader = FrameReader()
+    def __init__(self, payload_buffer: bool = False) -> None:
+        self._reader = FrameReader(payload_buffer)
         self._pending: Request | None = None
         self.upload: Upload | None = None
 
@@ -978,9 +1096,24 @@ class ServerConnection:
         """Bytes still missing from the request being received (see :class:`FrameReader`)."""
         return self._reader.needed
 
+    @property
+    def head_needed(self) -> int:
+        """Bytes a driver may read without reading into a payload (see :class:`FrameReader`)."""
+        return self._reader.head_needed
+
     def receive_data(self, data: Bytes) -> None:
         """Raises :class:`ShardProtocolError` (``too_large``) if a frame announces too much."""
         self._reader.receive_data(data)
+
+    def payload_view(self) -> memoryview | None:
+        """Where to receive the rest of the request's payload, with a payload buffer (see
+        :meth:`FrameReader.payload_view`)."""
+        return self._reader.payload_view()
+
+    def commit_payload(self, n: int) -> None:
+        """``n`` bytes were received into :meth:`payload_view`. Raises
+        :class:`LocalProtocolError` if that is more than the payload lacks."""
+        self._reader.commit_payload(n)
 
     def next_request(self) -> Request | NeedData:
         """The next request, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""
@@ -1069,4 +1202,5 @@ class ClientConnection:
         frame = self._reader.next_frame()
         if isinstance(frame, NeedData):
             return NEED_DATA
-        return parse_response(*frame)
+        msg, payload = frame  # bytes: a client's reader has no payload buffer
+        return parse_response(msg, payload if isinstance(payload, bytes) else bytes(payload))

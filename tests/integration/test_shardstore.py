@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
 from ledger.codec import hash_bytes, pack
 from ledger.keys import KeyPair
@@ -23,6 +25,8 @@ from zos_agent import shardwire as w
 from zos_agent.shardstore import (
     HEADER_FIXED,
     NamespaceDir,
+    ShardStore,
+    serve_connection,
     serve_shards,
     write_namespaces_file,
 )
@@ -263,6 +267,66 @@ async def test_a_whole_upload_in_one_send(tmp_path: Path,
         for i in range(len(frame)):
             await c.send_raw(frame[i : i + 1])
         assert await c.response() == w.Data(len(data), content_hash(data), 5, data[5:1005])
+
+
+async def test_payloads_trickling_in_over_tcp(tmp_path: Path,
+                                             table: dict[int, w.NamespaceInfo]) -> None:
+    """The store receives payloads straight into its connection buffer: frames whose head and
+    payload arrive in pieces of every size, and frames sent together, come out intact."""
+    data = payload(12, 2 * w.MAX_CHUNK + 4321)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(12), data, 1)
+    blob = b"".join(w.ClientConnection.send(r) for r in reqs)
+    rng = random.Random(12)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        pos = 0
+        while pos < len(blob):
+            n = rng.choice((1, 7, 100, 4096, 65_536, 300_001))
+            await c.send_raw(blob[pos : pos + n])
+            pos += n
+            await trio.lowlevel.checkpoint()
+        assert [await c.response() for _ in reqs] == [
+            w.Accepted(w.MAX_CHUNK), w.Accepted(2 * w.MAX_CHUNK),
+            w.Stored(len(data), content_hash(data))]
+        # an upload, a get and a stat sent as one write: the next frame's bytes never mix
+        # with a payload
+        other = payload(13, w.MAX_CHUNK + 5)
+        reqs2 = [*w.upload_requests(OWNER, CHAIN, NS, sid(13), other, 2),
+                 w.Get(NS, sid(12), w.MAX_CHUNK - 3, 10), w.Stat(NS)]
+        await c.send_raw(b"".join(w.ClientConnection.send(r) for r in reqs2))
+        assert [await c.response() for _ in reqs2] == [
+            w.Accepted(w.MAX_CHUNK), w.Stored(len(other), content_hash(other)),
+            w.Data(len(data), content_hash(data), w.MAX_CHUNK - 3,
+                   data[w.MAX_CHUNK - 3 : w.MAX_CHUNK + 7]),
+            w.StatResult(len(data) + len(other), QUOTA, 2)]
+        assert await c.download(NS, sid(13)) == other
+        assert await c.download(NS, sid(12)) == data
+
+
+async def test_a_stream_other_than_a_socket_is_served(tmp_path: Path,
+                                                      table: dict[int, w.NamespaceInfo]) -> None:
+    """serve_connection over any trio stream (here a memory stream): the generic path."""
+    store = ShardStore(tmp_path, lambda: table, CHAIN)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    conn = w.ClientConnection()
+    data = payload(14, w.MAX_CHUNK + 77)
+
+    async def call(req: w.Request) -> w.Response:
+        await client_end.send_all(conn.send(req))
+        while isinstance(resp := conn.next_response(), w.NeedData):
+            conn.receive_data(await client_end.receive_some(1 << 16))
+        return resp
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server_end, store)
+        for req in w.upload_requests(OWNER, CHAIN, NS, sid(14), data, 1):
+            resp = await call(req)
+        assert resp == w.Stored(len(data), content_hash(data))
+        got = await call(w.Get(NS, sid(14), 0, w.MAX_CHUNK))
+        rest = await call(w.Get(NS, sid(14), w.MAX_CHUNK, w.MAX_CHUNK))
+        assert isinstance(got, w.Data)
+        assert isinstance(rest, w.Data)
+        assert got.data + rest.data == data
+        await client_end.aclose()
 
 
 async def test_unsigned_foreign_and_replayed_writes_are_refused(

@@ -37,12 +37,61 @@ def raw_frame(header: Any, payload: bytes = b"") -> bytes:
     return struct.pack(">II", len(body), len(payload)) + body + payload
 
 
-def feed(conn: w.ServerConnection, req: Any, payload: bytes = b"") -> w.Request | w.NeedData:
-    if hasattr(req, "to_wire"):
-        conn.receive_data(w.ClientConnection.send(req))
-    else:
-        conn.receive_data(raw_frame(req, payload))
+def feed(conn: w.ServerConnection, req: Any, payload: bytes = b"", *,
+         into: bool = False) -> w.Request | w.NeedData:
+    """Give ``conn`` a request (or a raw header map and payload) and take the next request;
+    ``into``: read it the way the store reads a socket, for a connection with a payload
+    buffer (see :func:`drive`)."""
+    frame = w.ClientConnection.send(req) if hasattr(req, "to_wire") else raw_frame(req, payload)
+    if into:
+        return drive(conn, FakeSocket(frame, [1 << 30]))
+    conn.receive_data(frame)
     return conn.next_request()
+
+
+class FakeSocket:
+    """A byte stream that gives at most the next of ``sizes`` (cycled) bytes per read, and
+    records each read as (start, length, into the payload buffer)."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.data, self.sizes = data, sizes
+        self.pos = 0
+        self.reads: list[tuple[int, int, bool]] = []
+
+    def _next(self, n: int) -> int:
+        return min(n, self.sizes[len(self.reads) % len(self.sizes)], len(self.data) - self.pos)
+
+    def recv(self, n: int) -> bytes:
+        k = self._next(n)
+        self.reads.append((self.pos, k, False))
+        self.pos += k
+        return self.data[self.pos - k : self.pos]
+
+    def recv_into(self, view: memoryview) -> int:
+        k = self._next(len(view))
+        view[:k] = self.data[self.pos : self.pos + k]
+        self.reads.append((self.pos, k, True))
+        self.pos += k
+        return k
+
+
+def drive(conn: w.ServerConnection, sock: FakeSocket) -> w.Request | w.NeedData:
+    """The next request, read as the store's driver reads a socket (zos_agent.shardstore
+    serve_connection): the prefix and header with reads of at most ``head_needed`` bytes,
+    the payload with ``recv_into`` the connection's buffer. NEED_DATA at the end of data."""
+    while isinstance(req := conn.next_request(), w.NeedData):
+        view = conn.payload_view()
+        if view is not None:
+            got = sock.recv_into(view)
+            if not got:
+                return w.NEED_DATA
+            conn.commit_payload(got)
+        else:
+            data = sock.recv(conn.head_needed)
+            if not data:
+                return w.NEED_DATA
+            conn.receive_data(data)
+    return req
 
 
 def response_frame(resp: w.Response) -> bytes:
@@ -53,6 +102,9 @@ def response_frame(resp: w.Response) -> bytes:
 
 def hash_bytes(data: bytes) -> bytes:
     return w.content_hash(data)
+
+
+_H = w.content_hash(b"")
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -326,6 +378,212 @@ def test_several_frames_in_one_receive() -> None:
     assert client.next_response() is w.NEED_DATA
 
 
+# -- receiving payloads into the connection's buffer -----------------------------------------
+
+
+def frame_spans(reqs: list[w.Request]) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """The requests' frames as one stream, and each frame's (start, end of header, end)."""
+    spans, parts, pos = [], [], 0
+    for req in reqs:
+        head, payload = w.ClientConnection.send_parts(req)
+        spans.append((pos, pos + len(head), pos + len(head) + len(payload)))
+        parts += [head, bytes(payload)]
+        pos = spans[-1][2]
+    return b"".join(parts), spans
+
+
+def answer(conn: w.ServerConnection, req: w.Request, total: int) -> None:
+    """What the store would answer to each request of an upload (to advance the state)."""
+    if isinstance(req, w.Put | w.Append):
+        received = (req.offset if isinstance(req, w.Append) else 0) + len(req.data)
+        conn.send(w.Accepted(received) if received < total else w.Stored(total, _H))
+    else:
+        conn.send(w.StatResult(0, 0, 0))
+
+
+@pytest.mark.parametrize("sizes", [
+    [1 << 30],  # each read gets all it asks for
+    [1, 2, 3, 5, 8, 13, 999, 65536],
+    [7, 4096, 1, 300_000],
+])
+def test_payloads_are_received_into_one_buffer(sizes: list[int]) -> None:
+    data = bytes(range(256)) * 9000  # 2.3 MB: a put, an append of a full chunk, a short one
+    reqs: list[w.Request] = [*w.upload_requests(OWNER, CHAIN, NS, SID, data, 3), w.Stat(NS),
+                             w.Get(NS, SID, 1, 2)]
+    stream, spans = frame_spans(reqs)
+    sock = FakeSocket(stream, sizes)
+    conn = w.ServerConnection(payload_buffer=True)
+    assert conn.payload_view() is None
+    assert conn.head_needed == conn.needed == w.PREFIX_SIZE
+    buffers = set()
+    for req in reqs:
+        got = drive(conn, sock)
+        assert got == req
+        if isinstance(got, w.Put | w.Append):
+            # a view of the connection's one buffer, not a copy
+            assert isinstance(got.data, memoryview)
+            assert isinstance(got.data.obj, bytearray)
+            assert len(got.data.obj) == w.MAX_CHUNK
+            buffers.add(id(got.data.obj))
+        answer(conn, got, len(data))
+        del got
+    assert len(buffers) == 1
+    assert drive(conn, sock) is w.NEED_DATA
+    assert sock.pos == len(stream)
+    assert conn.needed == conn.head_needed == w.PREFIX_SIZE
+    # no read crosses from a frame's head into its payload or into the next frame, and
+    # every payload byte came in through recv_into
+    for start, n, into in sock.reads[:-1]:  # the last one found the end of the data
+        frame = next(s for s in spans if s[0] <= start < s[2])
+        assert start + n <= (frame[2] if into else frame[1])
+        assert into == (start >= frame[1])
+
+
+def test_the_buffer_is_reused_and_a_request_must_be_finished_first() -> None:
+    first, second = b"a" * w.MAX_CHUNK, b"b" * 600
+    put = w.make_put(OWNER, CHAIN, NS, SID, w.MAX_CHUNK + 600, first, 1)
+    append = w.Append(NS, SID, w.MAX_CHUNK, second)
+    stream, _ = frame_spans([put, append])
+    sock = FakeSocket(stream, [1 << 30])
+    conn = w.ServerConnection(payload_buffer=True)
+    got_put = drive(conn, sock)
+    assert isinstance(got_put, w.Put)
+    assert got_put.data == first
+    with pytest.raises(LocalProtocolError):  # the put is not answered yet
+        conn.next_request()
+    conn.send(w.Accepted(w.MAX_CHUNK))
+    got_append = drive(conn, sock)
+    assert isinstance(got_append, w.Append)
+    assert got_append.data == second
+    assert isinstance(got_put.data, memoryview)
+    assert isinstance(got_append.data, memoryview)
+    assert got_put.data.obj is got_append.data.obj
+    assert bytes(got_put.data[:600]) == second  # overwritten: why the store finishes first
+
+
+def test_payload_buffer_takes_leftovers_from_receive_data() -> None:
+    """Frames fed through receive_data, several at once or split anywhere, to a connection
+    with a payload buffer: payload bytes already received go into the buffer, the next
+    frame's bytes wait for it; then the rest of a payload comes through recv_into."""
+    data = bytes(range(251)) * 9000
+    reqs: list[w.Request] = [*w.upload_requests(OWNER, CHAIN, NS, SID, data, 3), w.Stat(NS)]
+    stream, spans = frame_spans(reqs)
+    conn = w.ServerConnection(payload_buffer=True)
+    # the whole first frame, the second's head and 100 bytes of its payload, at once
+    cut = spans[1][1] + 100
+    conn.receive_data(memoryview(stream)[:cut])
+    assert conn.next_request() == reqs[0]
+    answer(conn, reqs[0], len(data))
+    assert conn.next_request() is w.NEED_DATA
+    assert conn.needed == spans[1][2] - cut
+    assert conn.head_needed == 0
+    view = conn.payload_view()
+    assert view is not None
+    assert len(view) == spans[1][2] - cut
+    view[:10] = stream[cut : cut + 10]
+    conn.commit_payload(10)
+    # the rest of that payload, all of the next frame and a piece of the stat
+    conn.receive_data(stream[cut + 10 : spans[3][0] + 3])
+    for req in reqs[1:3]:
+        got = conn.next_request()
+        assert got == req
+        answer(conn, req, len(data))
+    assert conn.next_request() is w.NEED_DATA
+    assert conn.payload_view() is None
+    conn.receive_data(stream[spans[3][0] + 3 :])
+    assert conn.next_request() == w.Stat(NS)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 700_000)), min_size=1, max_size=30),
+       st.integers(0, 2 * w.MAX_CHUNK + 300))
+def test_any_mix_of_reads_gives_the_same_requests(reads: list[tuple[bool, int]],
+                                                  size: int) -> None:
+    """Reads of any size, each either a receive_data of raw bytes (which may run past the
+    frame) or a recv_into the payload view when there is one: the requests are those a
+    connection without a buffer decodes."""
+    data = (bytes(range(253)) * (size // 253 + 1))[:size]
+    reqs: list[w.Request] = [w.Stat(NS), *w.upload_requests(OWNER, CHAIN, NS, SID, data, 3),
+                             w.Verify(NS, SID)]
+    stream, _ = frame_spans(reqs)
+    conn = w.ServerConnection(payload_buffer=True)
+    pos = i = 0
+    got: list[w.Request] = []
+    while len(got) < len(reqs):
+        req = conn.next_request()
+        if not isinstance(req, w.NeedData):
+            got.append(req)
+            assert req == reqs[len(got) - 1]  # compared before the buffer is reused
+            answer(conn, req, len(data))
+            continue
+        raw, n = reads[i % len(reads)]
+        i += 1
+        view = conn.payload_view()
+        if view is not None and not raw:
+            k = min(n, len(view))
+            view[:k] = stream[pos : pos + k]
+            conn.commit_payload(k)
+        else:
+            k = min(n, len(stream) - pos)
+            conn.receive_data(stream[pos : pos + k])
+        pos += k
+    assert pos == len(stream)
+
+
+def test_payload_buffer_limits_and_misuse() -> None:
+    # the prefix is checked before anything else is read, the buffer is not even allocated
+    for prefix in (struct.pack(">II", w.MAX_HEADER + 1, 0), struct.pack(">II", 9, w.MAX_CHUNK + 1)):
+        conn = w.ServerConnection(payload_buffer=True)
+        sock = FakeSocket(prefix + b"\0" * 100, [1 << 30])
+        with pytest.raises(w.ShardProtocolError) as exc:
+            drive(conn, sock)
+        assert exc.value.code is w.ErrorCode.TOO_LARGE
+        assert sock.pos == w.PREFIX_SIZE
+    # a full chunk fits; committing more than the payload lacks is the driver's bug
+    put = w.make_put(OWNER, CHAIN, NS, SID, w.MAX_CHUNK, b"m" * w.MAX_CHUNK, 1)
+    head, _ = w.ClientConnection.send_parts(put)
+    conn = w.ServerConnection(payload_buffer=True)
+    with pytest.raises(LocalProtocolError):
+        conn.commit_payload(1)  # no payload being received
+    conn.receive_data(head)
+    assert conn.next_request() is w.NEED_DATA
+    view = conn.payload_view()
+    assert view is not None
+    assert len(view) == w.MAX_CHUNK == conn.needed
+    with pytest.raises(LocalProtocolError):
+        conn.commit_payload(w.MAX_CHUNK + 1)
+    with pytest.raises(LocalProtocolError):
+        conn.commit_payload(-1)
+    view[:] = b"m" * w.MAX_CHUNK
+    conn.commit_payload(w.MAX_CHUNK)
+    assert conn.payload_view() is None
+    with pytest.raises(LocalProtocolError):
+        conn.commit_payload(1)  # complete: nothing more to receive into
+    assert conn.next_request() == put
+
+
+def test_the_payload_buffer_is_allocated_on_the_first_payload() -> None:
+    """A connection that only reads (gets, verifies) never holds a payload buffer."""
+    import tracemalloc
+
+    def peak(reqs: list[w.Request]) -> int:
+        conn = w.ServerConnection(payload_buffer=True)
+        sock = FakeSocket(frame_spans(reqs)[0], [1 << 30])
+        tracemalloc.start()
+        try:
+            for req in reqs:
+                got = drive(conn, sock)
+                assert got == req
+                answer(conn, got, w.MAX_CHUNK + 1)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak([w.Get(NS, SID, i, 100) for i in range(50)]) < w.MAX_CHUNK // 2
+    put = w.make_put(OWNER, CHAIN, NS, SID, w.MAX_CHUNK + 1, b"p" * w.MAX_CHUNK, 1)
+    assert peak([w.Get(NS, SID), put]) >= w.MAX_CHUNK
+
+
 # -- the content hash ------------------------------------------------------------------------
 
 
@@ -396,11 +654,12 @@ GOOD_PUT = w.make_put(OWNER, CHAIN, NS, SID, 1, b"a", 1).to_wire()
     (w.Append(NS, SID, 5, b"x").to_wire(), b"", w.ErrorCode.MALFORMED),  # an empty append
     (w.Append(NS, SID, 5, b"x").to_wire(), b"x", w.ErrorCode.BAD_STATE),  # no upload open
 ])
+@pytest.mark.parametrize("into", [False, True], ids=["receive_data", "payload_buffer"])
 def test_malformed_requests_are_protocol_errors(msg: Any, payload: bytes,
-                                                code: w.ErrorCode) -> None:
-    conn = w.ServerConnection()
+                                                code: w.ErrorCode, into: bool) -> None:
+    conn = w.ServerConnection(payload_buffer=into)
     with pytest.raises(w.ShardProtocolError) as exc:
-        feed(conn, msg, payload)
+        feed(conn, msg, payload, into=into)
     assert exc.value.code is code
     assert w.Error(code, "").fatal
 
@@ -424,11 +683,12 @@ def test_garbage_bytes_are_malformed(frame: bytes) -> None:
     assert exc.value.code is w.ErrorCode.MALFORMED
 
 
-def test_append_must_continue_the_open_upload() -> None:
+@pytest.mark.parametrize("into", [False, True], ids=["receive_data", "payload_buffer"])
+def test_append_must_continue_the_open_upload(into: bool) -> None:
     data = b"z" * (2 * w.MAX_CHUNK + 10)
     put, *appends = w.upload_requests(OWNER, CHAIN, NS, SID, data, 1)
-    conn = w.ServerConnection()
-    feed(conn, put)
+    conn = w.ServerConnection(payload_buffer=into)
+    feed(conn, put, into=into)
     conn.send(w.Accepted(w.MAX_CHUNK))
     assert conn.upload is not None
     assert conn.upload.received == w.MAX_CHUNK
@@ -440,20 +700,21 @@ def test_append_must_continue_the_open_upload() -> None:
         w.Stat(NS),  # something else in the middle of an upload
     ]
     for req in bad:
-        fresh = w.ServerConnection()
-        feed(fresh, put)
+        fresh = w.ServerConnection(payload_buffer=into)
+        feed(fresh, put, into=into)
         fresh.send(w.Accepted(w.MAX_CHUNK))
         with pytest.raises(w.ShardProtocolError) as exc:
-            feed(fresh, req)
+            feed(fresh, req, into=into)
         assert exc.value.code is w.ErrorCode.BAD_STATE
     # past the announced size
-    over = w.ServerConnection()
-    feed(over, w.make_put(OWNER, CHAIN, NS, SID, w.MAX_CHUNK + 1, b"z" * w.MAX_CHUNK, 1))
+    over = w.ServerConnection(payload_buffer=into)
+    feed(over, w.make_put(OWNER, CHAIN, NS, SID, w.MAX_CHUNK + 1, b"z" * w.MAX_CHUNK, 1),
+         into=into)
     over.send(w.Accepted(w.MAX_CHUNK))
     with pytest.raises(w.ShardProtocolError):
-        feed(over, w.Append(NS, SID, w.MAX_CHUNK, b"zz"))
+        feed(over, w.Append(NS, SID, w.MAX_CHUNK, b"zz"), into=into)
     # the good continuation
-    assert feed(conn, appends[0]) == appends[0]
+    assert feed(conn, appends[0], into=into) == appends[0]
 
 
 def test_an_error_answer_closes_the_upload() -> None:
@@ -480,8 +741,6 @@ def test_connection_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         w.make_delete(OWNER, CHAIN, NS, b"short", 1)
 
-
-_H = hash_bytes(b"")
 
 
 @pytest.mark.parametrize(("msg", "payload"), [
