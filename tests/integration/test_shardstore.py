@@ -3,6 +3,8 @@ as the ``python -m zos_agent.shardstore`` child process the agent runs."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import random
 import signal
@@ -23,11 +25,19 @@ from ledger.codec import hash_bytes, pack
 from ledger.keys import KeyPair
 from zos_agent import shardwire as w
 from zos_agent.shardstore import (
+    DIRECT_ALIGN,
     HEADER_FIXED,
+    MAGIC,
+    AlignedBuffer,
+    Corrupt,
     NamespaceDir,
     ShardStore,
+    ShardWriter,
+    data_offset,
+    read_range,
     serve_connection,
     serve_shards,
+    verify_file,
     write_namespaces_file,
 )
 
@@ -395,7 +405,7 @@ async def test_corrupt_shard_is_never_served(tmp_path: Path,
         path = nsdir.shard_path(sid(1))
         raw = bytearray(path.read_bytes())
         raw[-150] ^= 0x01
-        path.write_bytes(bytes(raw))
+        _rewrite(path, bytes(raw))
         assert code(await c.call(w.Get(NS, sid(1), w.BLOCK_SIZE, 10))) is w.ErrorCode.CORRUPT
         assert code(await c.call(w.Verify(NS, sid(1)))) is w.ErrorCode.CORRUPT
         r = await c.call(w.Get(NS, sid(1), 0, 10))  # an intact block is still served
@@ -406,30 +416,263 @@ async def test_corrupt_shard_is_never_served(tmp_path: Path,
         # verify refuse it
         raw = bytearray(path.read_bytes())
         raw[HEADER_FIXED + 5] ^= 0x10
-        path.write_bytes(bytes(raw))
+        _rewrite(path, bytes(raw))
         assert code(await c.call(w.Get(NS, sid(1), 0, 10))) is w.ErrorCode.CORRUPT
         # a damaged header, and a torn (truncated) file
         path2 = nsdir.shard_path(sid(2))
         raw = bytearray(path2.read_bytes())
         raw[10] ^= 0x80
-        path2.write_bytes(bytes(raw))
+        _rewrite(path2, bytes(raw))
         assert code(await c.call(w.Get(NS, sid(2)))) is w.ErrorCode.CORRUPT
         path3 = nsdir.shard_path(sid(3))
-        path3.write_bytes(path3.read_bytes()[: HEADER_FIXED + 3 * 32 + w.BLOCK_SIZE + 5])
+        _rewrite(path3, path3.read_bytes()[: data_offset(3) + w.BLOCK_SIZE + 5])
         assert code(await c.call(w.Get(NS, sid(3), w.BLOCK_SIZE, 10))) is w.ErrorCode.CORRUPT
         assert code(await c.call(w.Verify(NS, sid(3)))) is w.ErrorCode.CORRUPT
-        # a file of the previous format version (magic b"TFSHARD\x01") reads as corrupt
+        # a file of the previous format version (magic b"TFSHARD\x02") reads as corrupt
         assert isinstance(await c.upload(NS, sid(4), data, nonce()), w.Stored)
         path4 = nsdir.shard_path(sid(4))
         raw = bytearray(path4.read_bytes())
-        assert raw[:8] == b"TFSHARD\x02"
-        raw[7] = 1
-        path4.write_bytes(bytes(raw))
+        assert raw[:8] == b"TFSHARD\x03"
+        raw[7] = 2
+        _rewrite(path4, bytes(raw))
         assert code(await c.call(w.Get(NS, sid(4)))) is w.ErrorCode.CORRUPT
         assert code(await c.call(w.Verify(NS, sid(4)))) is w.ErrorCode.CORRUPT
         # the owner can replace a corrupt shard
         assert isinstance(await c.upload(NS, sid(1), data, nonce()), w.Stored)
         assert await c.download(NS, sid(1)) == data
+
+
+# -- O_DIRECT files ---------------------------------------------------------------------------
+
+
+def _rewrite(path: Path, raw: bytes) -> None:
+    """Replace a shard file's bytes in place, flushed to disk: the store reads the data with
+    O_DIRECT (Linux writes dirty cached pages back before a direct read of them anyway)."""
+    with path.open("r+b") as f:
+        f.write(raw)
+        f.truncate(len(raw))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _direct_supported(directory: Path) -> bool:
+    probe = directory / ".direct-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    os.close(fd)
+    return True
+
+
+def _write_shard(directory: Path, n: int, data: bytes, chunks: list[int]) -> tuple[Path, bytes]:
+    """``data`` through a ShardWriter in pieces of the ``chunks`` sizes (the rest: one more),
+    committed as ``directory / shard<n>``; (its path, the shard hash)."""
+    writer = ShardWriter(directory, sid(n), len(data))
+    at = 0
+    for size in [*chunks, len(data) - sum(chunks)]:
+        writer.write(data[at : at + size])
+        at += size
+    shard_hash = writer.finish()
+    path = directory / f"shard{n}"
+    os.replace(writer.path, path)
+    return path, shard_hash
+
+
+def _read_all(path: Path, buffer: AlignedBuffer) -> bytes:
+    out = bytearray()
+    while True:
+        hdr, data = read_range(path, len(out), w.MAX_CHUNK, buffer)
+        out += data
+        if len(out) >= hdr.size:
+            return bytes(out)
+
+
+# sizes that are neither multiples of 4096 nor of the block size (and some that are)
+ODD_SIZES = [1, 4095, 4097, w.BLOCK_SIZE + 1, 3 * w.BLOCK_SIZE - 100, w.MAX_CHUNK + 8192,
+             2 * w.MAX_CHUNK + w.BLOCK_SIZE + 12_345]
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+async def test_odd_sized_shard_roundtrips_and_its_file_is_exact(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], size: int) -> None:
+    data = payload(size, size)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert await c.upload(NS, sid(1), data, 1) == w.Stored(size, content_hash(data))
+        assert await c.download(NS, sid(1)) == data
+        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(size, content_hash(data))
+        tail = await c.call(w.Get(NS, sid(1), max(size - 3, 0), w.MAX_CHUNK))
+        assert isinstance(tail, w.Data)
+        assert tail.data == data[-3:]
+    raw = NamespaceDir(tmp_path, NS).shard_path(sid(1)).read_bytes()
+    blocks = -(-size // w.BLOCK_SIZE)
+    start = data_offset(blocks)
+    assert start % DIRECT_ALIGN == 0
+    assert start >= HEADER_FIXED + 32 * blocks
+    assert raw[:8] == MAGIC
+    assert len(raw) == start + size  # the direct writes' padding is cut off
+    assert raw[HEADER_FIXED + 32 * blocks : start] == bytes(start - HEADER_FIXED - 32 * blocks)
+    assert raw[start:] == data
+
+
+async def test_the_store_writes_and_reads_with_o_direct(tmp_path: Path,
+                                                        table: dict[int, w.NamespaceInfo],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    seen: list[tuple[str, bool]] = []
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        seen.append(("write", _is_direct(fd)))
+        return real_pwrite(fd, data, offset)
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        seen.append(("read", _is_direct(fd)))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "preadv", preadv)
+    data = payload(3, 2 * w.MAX_CHUNK + 5000)
+    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+        assert await c.upload(NS, sid(1), data, 1) == w.Stored(len(data), content_hash(data))
+        writes = [direct for op, direct in seen if op == "write"]
+        assert writes  # 2 chunks, the padded tail and the header region
+        assert all(writes)
+        seen.clear()
+        assert await c.download(NS, sid(1)) == data
+        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(len(data), content_hash(data))
+        reads = [direct for op, direct in seen if op == "read"]
+        assert reads
+        assert all(reads)
+
+
+@pytest.mark.parametrize("chunks", [
+    [1, 4095, 70_000, w.MAX_CHUNK, 3, w.MAX_CHUNK - 1],  # appends may be any size
+    [w.MAX_CHUNK, w.MAX_CHUNK],
+    [],
+])
+def test_writer_takes_chunks_of_any_size(tmp_path: Path, chunks: list[int]) -> None:
+    data = payload(9, sum(chunks) + 777)
+    path, shard_hash = _write_shard(tmp_path, 1, data, chunks)
+    assert shard_hash == content_hash(data)
+    assert path.stat().st_size == data_offset(-(-len(data) // w.BLOCK_SIZE)) + len(data)
+    assert _read_all(path, AlignedBuffer()) == data
+    assert verify_file(path).shard_hash == shard_hash
+
+
+def test_padding_past_the_data_is_zeros_never_stale_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last chunk is padded to 4096 bytes in the bounce buffer, which still holds the
+    # previous chunk: the padding must be zeros. finish() cuts it off; without the cut it
+    # would be on disk.
+    stale, last = b"\xaa" * w.MAX_CHUNK, b"\x55" * 100
+    data = stale + last
+    path, _ = _write_shard(tmp_path, 1, data, [w.MAX_CHUNK])
+    start = data_offset(-(-len(data) // w.BLOCK_SIZE))
+    assert path.stat().st_size == start + len(data)
+    monkeypatch.setattr(os, "ftruncate", lambda fd, length: None)
+    path2, _ = _write_shard(tmp_path, 2, data, [w.MAX_CHUNK])
+    raw = path2.read_bytes()
+    assert len(raw) == start + w.MAX_CHUNK + _round_up(len(last))
+    assert raw[start + len(data) :] == bytes(len(raw) - start - len(data))
+    assert raw[start : start + len(data)] == data
+
+
+def _round_up(n: int) -> int:
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def _refuse_direct_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+
+
+def _refuse_direct_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A filesystem that opens with O_DIRECT but refuses the transfers.
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if _is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        if _is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "preadv", preadv)
+
+
+@pytest.mark.parametrize("refuse", [_refuse_direct_open, _refuse_direct_io])
+@pytest.mark.parametrize("size", [100_000, 2 * w.MAX_CHUNK + 777])
+async def test_a_filesystem_refusing_o_direct_is_written_and_read_buffered(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], monkeypatch: pytest.MonkeyPatch,
+        refuse: Callable[[pytest.MonkeyPatch], None], size: int) -> None:
+    refuse(monkeypatch)
+    data = payload(size, size)
+    # the writer itself: buffered from the start (open refused) or from its first write
+    path, shard_hash = _write_shard(tmp_path, 1, data, [w.MAX_CHUNK] * (size // w.MAX_CHUNK))
+    assert shard_hash == content_hash(data)
+    assert path.stat().st_size == data_offset(-(-size // w.BLOCK_SIZE)) + size
+    assert _read_all(path, AlignedBuffer()) == data
+    writer = ShardWriter(tmp_path, sid(2), size)
+    writer.write(data[: min(size, w.MAX_CHUNK)])
+    if refuse is _refuse_direct_open or size > w.MAX_CHUNK:
+        assert not writer.direct
+    writer.discard()
+    # the whole store
+    async with running_store(tmp_path / "store", table) as addr, connect(addr) as c:
+        assert await c.upload(NS, sid(1), data, 1) == w.Stored(size, content_hash(data))
+        assert await c.download(NS, sid(1)) == data
+        assert await c.call(w.Verify(NS, sid(1))) == w.Verified(size, content_hash(data))
+        stored = NamespaceDir(tmp_path / "store", NS).shard_path(sid(1))
+        assert stored.stat().st_size == data_offset(-(-size // w.BLOCK_SIZE)) + size
+        # a flipped byte is still caught on this path
+        raw = bytearray(stored.read_bytes())
+        raw[-1] ^= 0x01
+        _rewrite(stored, bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(1), size - 1, 1))) is w.ErrorCode.CORRUPT
+        assert code(await c.call(w.Verify(NS, sid(1)))) is w.ErrorCode.CORRUPT
+
+
+def test_direct_reads_see_bytes_written_through_the_page_cache(tmp_path: Path) -> None:
+    # The corruption tests change shard files with ordinary writes; the store's O_DIRECT
+    # reads must see those changes (and a short file must read as corrupt, not padding).
+    data = payload(4, 3 * w.BLOCK_SIZE + 10)
+    path, _ = _write_shard(tmp_path, 1, data, [])
+    buffer = AlignedBuffer()
+    raw = bytearray(path.read_bytes())
+    raw[data_offset(4) + w.BLOCK_SIZE + 7] ^= 0x40
+    path.write_bytes(bytes(raw))  # dirty in the page cache, not fsynced
+    assert read_range(path, 0, 10, buffer)[1] == data[:10]
+    with pytest.raises(Corrupt, match="block 1 does not match"):
+        read_range(path, w.BLOCK_SIZE, 10, buffer)
+    with pytest.raises(Corrupt, match="block 1 does not match"):
+        verify_file(path)
+    _rewrite(path, bytes(raw[: data_offset(4) + 3 * w.BLOCK_SIZE + 5]))
+    with pytest.raises(Corrupt, match="shorter"):
+        read_range(path, 3 * w.BLOCK_SIZE, 10, buffer)
+    with pytest.raises(Corrupt, match="shorter"):
+        verify_file(path)
+    # a buffer smaller than a read is replaced by one large enough
+    small = AlignedBuffer()
+    small.get(DIRECT_ALIGN)
+    assert read_range(path, 0, w.BLOCK_SIZE, small)[1] == data[: w.BLOCK_SIZE]
 
 
 async def test_bad_frames_close_only_their_connection(
