@@ -263,6 +263,7 @@ class ShardUpload:
         self._frames = 0
         self._pieces: deque[w.Bytes] = deque()
         self._buffered = 0  # bytes in _pieces
+        self._frame: bytearray | None = None  # see _take
         self.stored: w.Stored | None = None
 
     async def write(self, data: w.Bytes) -> None:
@@ -280,7 +281,7 @@ class ShardUpload:
 
     def _take(self, n: int) -> w.Bytes:
         """The next ``n`` buffered bytes: a piece or a slice of one as it is, else the pieces
-        joined (one copy)."""
+        copied into the frame buffer (one copy; valid until the next call)."""
         self._buffered -= n
         if n == 0:
             return b""
@@ -294,18 +295,24 @@ class ShardUpload:
             view = memoryview(first).cast("B")
             pieces.appendleft(view[n:])
             return view[:n]
-        parts: list[w.Bytes] = []
-        while n:
+        # Pieces of several blocks are copied into one frame buffer, reused for every frame:
+        # joining into a fresh 1 MiB object each time page-faulted its way through new memory
+        # while holding the GIL (0.2 s of a 256 MiB put's 1.4 s of GIL time). Reuse is safe
+        # because _send() sends each frame (send_all returns once the kernel has the bytes)
+        # before it takes the next.
+        if self._frame is None:
+            self._frame = bytearray(w.MAX_CHUNK)
+        frame = memoryview(self._frame)
+        pos = 0
+        while pos < n:
             piece = pieces.popleft()
-            size = w.nbytes(piece)
-            if size > n:
-                view = memoryview(piece).cast("B")
-                parts.append(view[:n])
-                pieces.appendleft(view[n:])
-                break
-            parts.append(piece)
-            n -= size
-        return b"".join(parts)
+            view = memoryview(piece).cast("B") if isinstance(piece, memoryview) else memoryview(piece)
+            take = min(len(view), n - pos)
+            frame[pos : pos + take] = view[:take]
+            if take < len(view):
+                pieces.appendleft(view[take:])
+            pos += take
+        return frame[:n]
 
     async def _send(self, n: int) -> None:
         while self._conn.pending >= self._depth:
