@@ -258,7 +258,13 @@ def _plain_errors() -> Iterator[None]:
 class _Fetch:
     """Reads shards in parallel and hands out segments as soon as ``k`` verified blocks of each
     are in. Readers stay within ``window`` segments of the consumer; one that lags jumps ahead;
-    one that fails (dead, slow, corrupt) is dropped and named in :attr:`failed`."""
+    one that fails (dead, slow, corrupt) is dropped and named in :attr:`failed`.
+
+    Received bytes are checked against their leaves on the event loop itself, not in a worker
+    thread: a 512 KiB answer hashes in ~0.1 ms (BLAKE3), less than a thread round trip costs
+    the loop; measured on a 256 MiB get, 3 alternating runs each, 1.9-2.2 s -> 1.6-1.85 s and
+    client CPU 1.07-1.14 s -> 0.81-1.0 s (and 35 MiB less peak RSS, from fewer threads).
+    """
 
     def __init__(self, client: StorageClient, manifest: c.Manifest, keys_: c.ObjectKeys,
                  endpoints: dict[int, str], failed: dict[int, str], first: int = 0,
@@ -321,7 +327,7 @@ class _Fetch:
                     if page is not None:
                         if inflight:  # answers come in order: take them (the reader buffers them)
                             data = await receive()
-                            self._take(shard, await trio.to_thread.run_sync(reader.feed, data))
+                            self._take(shard, reader.feed(data))
                             continue
                         if page not in pages:
                             raw = await conn.get_object(ns, c.page_id(self._si, shard, page), PAGE_MAX)
@@ -342,7 +348,7 @@ class _Fetch:
                             continue
                     if inflight:
                         data = await receive()
-                        self._take(shard, await trio.to_thread.run_sync(reader.feed, data))
+                        self._take(shard, reader.feed(data))
                         continue
                     if want <= 0:
                         return
