@@ -368,23 +368,22 @@ def main() -> None:
             print(f"put: {describe(puts[-1])}", flush=True)
         cap = puts[0]["cap"]
         out = data / "out.bin"
-        gets = []
-        for _ in range(runs):
-            gets.append(run_child("get", home, cap, str(out)))
-            if sha256_of(out) != big_hash:
-                raise SystemExit("get returned different bytes")
-            out.unlink()
-            print(f"get: {describe(gets[-1])}", flush=True)
 
-        down = [names[n] for n in run_child("check", home, cap)["nodes"][:LOST]]
-        degs = []
-        with stopped(home, down):
+        def gets(label: str) -> list[dict[str, Any]]:
+            """``runs`` gets of the object, each checked against the file put."""
+            done = []
             for _ in range(runs):
-                degs.append(run_child("get", home, cap, str(out)))
+                done.append(run_child("get", home, cap, str(out)))
                 if sha256_of(out) != big_hash:
-                    raise SystemExit("degraded get returned different bytes")
+                    raise SystemExit(f"{label} returned different bytes")
                 out.unlink()
-                print(f"degraded get ({', '.join(down)} stopped): {describe(degs[-1])}", flush=True)
+                print(f"{label}: {describe(done[-1])}", flush=True)
+            return done
+
+        healthy = gets("get")
+        down = [names[n] for n in run_child("check", home, cap)["nodes"][:LOST]]
+        with stopped(home, down):
+            degs = gets(f"degraded get ({', '.join(down)} stopped)")
 
         rput = run_child("put", home, str(small))
         rcap = rput["cap"]
@@ -413,9 +412,9 @@ def main() -> None:
         peaks = [peak_rss_mib(p) for p in stores]
         now = [p.memory_info().rss / MIB for p in stores]
         results = {"raw": raws, "put": [size / MB / x["seconds"] for x in puts],
-                   "get": [size / MB / x["seconds"] for x in gets],
+                   "get": [size / MB / x["seconds"] for x in healthy],
                    "degraded": [size / MB / x["seconds"] for x in degs], "repair_s": repair["seconds"],
-                   "client_rss": max(x["maxrss_mib"] for x in (warm, *puts, *gets, *degs, rput, repair)),
+                   "client_rss": max(x["maxrss_mib"] for x in (warm, *puts, *healthy, *degs, rput, repair)),
                    "store_peak": max(peaks), "store_mean": sum(peaks) / len(peaks),
                    "store_now": max(now), "stores": len(stores),
                    "move_s": None if move is None else move["seconds"]}
