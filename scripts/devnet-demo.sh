@@ -21,10 +21,19 @@ say() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; }
 run() { say "tfgrid $(printf '%q ' "$@")"; tfgrid "$@"; }
 json_field() { .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
-DEMO_DIR=${DEMO_DIR:-$(mktemp -d -t tfgrid-demo.XXXXXX)/devnet}
+SCRATCH=""  # a temporary directory of our own, removed at the end unless KEEP=1
+if [ -z "${DEMO_DIR:-}" ]; then
+    SCRATCH=$(mktemp -d -t tfgrid-demo.XXXXXX)
+    DEMO_DIR=$SCRATCH/devnet
+fi
 ALICE=$DEMO_DIR-alice
 if [ "${KEEP:-0}" != 1 ]; then
-    trap 'say "tfgrid devnet down --dir $DEMO_DIR"; tfgrid devnet down --dir "$DEMO_DIR" || true' EXIT
+    cleanup() {
+        say "tfgrid devnet down --dir $DEMO_DIR"
+        tfgrid devnet down --dir "$DEMO_DIR" || true
+        if [ -n "$SCRATCH" ]; then rm -rf -- "$SCRATCH"; fi
+    }
+    trap cleanup EXIT
 fi
 
 run devnet up --validators 4 --nodes 24 --farms 6 --dir "$DEMO_DIR"
