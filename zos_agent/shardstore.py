@@ -69,7 +69,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, cast
+from typing import Final
 
 import blake3
 import trio
@@ -865,9 +865,8 @@ class ShardStore:
         except Corrupt as exc:
             log.warning("namespace %d shard %s: %s", req.ns, req.shard_id.hex(), exc)
             raise _refuse(w.ErrorCode.CORRUPT, str(exc)) from None
-        # Data.data is annotated bytes, but the answer is only ever sent (send_parts and
-        # encode_frame take any bytes-like payload): a view of the read buffer, not a copy.
-        return w.Data(hdr.size, hdr.shard_hash, req.offset, cast(bytes, data))
+        # A view of the read buffer, not a copy: the answer is sent before the next read.
+        return w.Data(hdr.size, hdr.shard_hash, req.offset, data)
 
     async def _verify(self, req: w.Verify) -> w.Response:
         ns, _ = await self._namespace(req.ns)

@@ -557,12 +557,13 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Bytes of a stored shard (``data``: the payload)."""
+    """Bytes of a stored shard (``data``: the payload; on the store's side a view of the
+    connection's read buffer, valid until the answer is sent)."""
 
     size: int
     hash: bytes
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,7 +633,7 @@ def response_to_wire(resp: Response) -> dict[str, Any]:
     raise LocalProtocolError(f"not a response: {resp!r}")  # pragma: no cover - exhaustive
 
 
-def response_payload(resp: Response) -> bytes:
+def response_payload(resp: Response) -> bytes | memoryview:
     """The payload that travels with ``resp`` (``b""`` but for a ``data`` answer)."""
     return resp.data if isinstance(resp, Data) else b""
 

@@ -306,7 +306,7 @@ class _Fetch:
         try:
             async with await self._client.connect(self._endpoints[shard]) as conn:
 
-                async def receive() -> bytes:
+                async def receive() -> c.Block:
                     offset, length = inflight.popleft()
                     resp = await conn.receive_response()
                     if not isinstance(resp, w.Data) or resp.offset != offset or len(resp.data) > length:

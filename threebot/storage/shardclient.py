@@ -178,7 +178,7 @@ class ShardConnection:
     async def get_object(self, ns: int, shard_id: bytes, max_size: int) -> bytes:
         """A whole stored object of at most ``max_size`` bytes, by ranged gets (the chunks
         joined once; an object of one chunk is returned as received)."""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         got = 0
         while True:
             resp = await self.request(w.Get(ns, shard_id, got, w.MAX_CHUNK))
@@ -193,9 +193,11 @@ class ShardConnection:
                 break
         if got != resp.size:
             raise self.unexpected("get (short object)")
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        first = parts[0]  # bytes as received from a socket: a single part is returned as is
+        return first if len(parts) == 1 and isinstance(first, bytes) else b"".join(parts)
 
-    async def get_range(self, ns: int, shard_id: bytes, offset: int, length: int) -> bytes:
+    async def get_range(self, ns: int, shard_id: bytes, offset: int,
+                        length: int) -> bytes | memoryview:
         """``length`` (<= MAX_CHUNK) bytes at ``offset``; fewer only at the object's end."""
         resp = await self.request(w.Get(ns, shard_id, offset, length))
         if not isinstance(resp, w.Data) or resp.offset != offset or len(resp.data) > length:
