@@ -66,6 +66,7 @@ import shutil
 import signal
 import struct
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ from ledger.codec import HASH_SIZE, pack, unpack
 from ledger.config import format_hostport, parse_hostport
 from ledger.errors import ConfigError, MalformedFrame, TfgridError
 from zos_agent import shardwire as w
+from zos_agent.blocksock import BlockingSocket, Quiet
 
 log = logging.getLogger("zos_agent.shardstore")
 
@@ -108,6 +110,13 @@ _VERIFY_SPAN: Final = 4  # blocks read at once by verify_file (into one reused b
 # Worker threads doing file work at once, store-wide: each holds up to a frame (1 MiB) or a
 # verify span, so this bounds the store's memory whatever the number of clients.
 FILE_WORKERS: Final = 2
+# Connections streaming in a worker thread of their own at once, store-wide (see
+# zos_agent.blocksock): past that, a connection is served by the event loop alone. The thread
+# gives the connection back to the event loop when its client sends nothing for
+# STREAM_LINGER_S, and after STREAM_TURN_S in all, so a slow client never keeps one for long.
+STREAM_WORKERS: Final = 4
+STREAM_LINGER_S: Final = 0.25
+STREAM_TURN_S: Final = 5.0
 
 
 def _hash(data: w.Bytes) -> bytes:
@@ -722,6 +731,19 @@ class Session:
         self.read_buffer.close()
 
 
+@dataclass(slots=True)
+class Handback:
+    """How a worker thread's turn at streaming a connection ended: the client closed it
+    (``eof``), or paused or took too long (nothing else set), or a request is left for the
+    event loop to answer (``req``; for an append the thread already wrote, ``outcome`` is
+    the shard hash if that completed the shard, or why the write failed)."""
+
+    eof: bool = False
+    req: w.Request | None = None
+    outcome: bytes | Exception | None = None
+    answered: int = 0  # requests the thread answered itself
+
+
 def _refuse(code: w.ErrorCode, message: str) -> w.ShardRefused:
     return w.ShardRefused(code, message)
 
@@ -731,13 +753,18 @@ class ShardStore:
     quotas (re-read on every request, so reloads take effect at once)."""
 
     def __init__(self, data_dir: Path, namespaces: Callable[[], Mapping[int, w.NamespaceInfo]],
-                 chain_id: str) -> None:
+                 chain_id: str, *, stream_workers: int = STREAM_WORKERS,
+                 stream_linger_s: float = STREAM_LINGER_S) -> None:
         self.data_dir = data_dir
         self.namespaces = namespaces
         self.chain_id = chain_id
         self._loaded: dict[int, _Namespace] = {}
         self._load_lock = trio.Lock()
         self._files = trio.CapacityLimiter(FILE_WORKERS)
+        self._stream_workers = stream_workers  # 0: every request on the event loop
+        self._streams = trio.CapacityLimiter(max(stream_workers, 1))
+        self._stream_linger_s = stream_linger_s
+        self.streamed = 0  # requests answered in streaming threads (a statistic)
 
     async def _namespace(self, ns: int) -> tuple[_Namespace, w.NamespaceInfo]:
         info = self.namespaces().get(ns)
@@ -760,10 +787,19 @@ class ShardStore:
                 self._loaded[ns] = state
         return state, info
 
-    async def handle(self, req: w.Request, session: Session) -> w.Response:
+    async def handle(self, req: w.Request, session: Session,
+                     written: bytes | Exception | None = None) -> w.Response:
         """The answer to one request. Never raises for a refused request: the answer is an
-        :class:`~zos_agent.shardwire.Error`, and any error closes the session's upload."""
+        :class:`~zos_agent.shardwire.Error`, and any error closes the session's upload.
+
+        ``written``: the request is an append that a streaming thread already wrote, and
+        this is the :class:`Handback` outcome: the shard hash (the append completed the
+        shard: check and commit it) or the write's error."""
         try:
+            if written is not None and isinstance(req, w.Append):
+                if isinstance(written, Exception):
+                    raise written
+                return await self._written(session, req.shard_id, written, req.hash)
             match req:
                 case w.Put():
                     return await self._put(req, session)
@@ -892,6 +928,97 @@ class ShardStore:
             ns.count -= 1
         return w.Deleted(size)
 
+    def can_stream(self) -> bool:
+        """Whether a streaming worker thread is free."""
+        return self._stream_workers > 0 and self._streams.available_tokens > 0
+
+    async def stream(self, conn: w.ServerConnection, session: Session,
+                     sock: BlockingSocket, idle_timeout_s: float) -> Handback:
+        """Serve the connection's appends (to the open upload) and gets in a worker thread,
+        receiving, writing or reading, and answering each there, until the client pauses or
+        another request comes; see :class:`Handback`. Raises what the event loop's own
+        receiving would (:class:`~zos_agent.shardwire.ShardProtocolError`,
+        :class:`trio.BrokenResourceError`, :class:`trio.TooSlowError`)."""
+        back = await trio.to_thread.run_sync(self._stream, conn, session, sock,
+                                             idle_timeout_s, limiter=self._streams)
+        self.streamed += back.answered
+        return back
+
+    def _stream(self, conn: w.ServerConnection, session: Session, sock: BlockingSocket,
+                idle_timeout_s: float) -> Handback:
+        # In the worker thread: the event loop waits for it, touching neither the connection
+        # nor the session meanwhile. Only the common case is served here; anything else (a
+        # namespace not loaded yet, a refusal, an error) goes back to the event loop, whose
+        # handle() answers it as it answers every request.
+        clock = time.monotonic
+        turn_ends = clock() + STREAM_TURN_S
+        answered = 0
+        while True:
+            req = conn.next_request()
+            if isinstance(req, w.NeedData):
+                now = clock()
+                if now >= turn_ends:
+                    return Handback(answered=answered)
+                try:
+                    if (view := conn.payload_view()) is not None:
+                        got = sock.recv_into(view, now + self._stream_linger_s)
+                        if not got:
+                            return Handback(eof=True, answered=answered)
+                        conn.commit_payload(got)
+                    else:
+                        data = sock.recv(conn.head_needed, now + self._stream_linger_s)
+                        if not data:
+                            return Handback(eof=True, answered=answered)
+                        conn.receive_data(data)
+                except Quiet:
+                    return Handback(answered=answered)
+                continue
+            answer: w.Accepted | w.Data | bytes | Exception | None
+            if isinstance(req, w.Append) and session.writer is not None:
+                answer = self._stream_append(req, session)
+            elif isinstance(req, w.Get):
+                answer = self._stream_get(req, session)
+            else:
+                answer = None
+            if not isinstance(answer, w.Accepted | w.Data):
+                return Handback(req=req, outcome=answer, answered=answered)
+            head, payload = conn.send_parts(answer)
+            try:
+                deadline = clock() + idle_timeout_s
+                sock.send_all(head, deadline)
+                if w.nbytes(payload):
+                    sock.send_all(payload, deadline)
+            except Quiet:
+                raise trio.TooSlowError from None
+            answered += 1
+
+    def _stream_append(self, req: w.Append, session: Session) -> w.Accepted | bytes | Exception:
+        """Write an append's data: ``accepted``, the shard hash if that completed the shard,
+        or the error."""
+        writer = session.writer
+        if writer is None:
+            return _refuse(w.ErrorCode.BAD_STATE, "no upload open")
+        if self.namespaces().get(req.ns) is None:
+            return _refuse(w.ErrorCode.UNKNOWN_NAMESPACE, f"namespace {req.ns} was removed")
+        try:
+            shard_hash = writer.write_and_finish(req.data)
+        except OSError as exc:
+            return exc
+        return w.Accepted(writer.written) if shard_hash is None else shard_hash
+
+    def _stream_get(self, req: w.Get, session: Session) -> w.Data | None:
+        """A get's answer, or None to leave the get to the event loop (a namespace it has not
+        loaded, a missing or corrupt shard: answered, and logged, there)."""
+        ns = self._loaded.get(req.ns)
+        if ns is None or self.namespaces().get(req.ns) is None:
+            return None
+        try:
+            hdr, data = read_range(ns.dir.shard_path(req.shard_id), req.offset, req.length,
+                                   session.read_buffer)
+        except (Missing, Corrupt, OSError):
+            return None
+        return w.Data(hdr.size, hdr.shard_hash, req.offset, data)
+
 
 async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
                            idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
@@ -900,39 +1027,59 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
     Whatever goes wrong ends this connection only (its upload is discarded).
     """
     sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-    # Over a socket: one payload buffer for the connection's whole life (see _RECV).
+    # Over a socket: one payload buffer for the connection's whole life (see _RECV), and a
+    # worker thread may take the connection over while an upload or a run of gets streams
+    # (see ShardStore.stream): after an ``accepted`` or a ``data`` answer, if one is free.
     conn = w.ServerConnection(payload_buffer=sock is not None)
+    blocking: BlockingSocket | None = None
+    if sock is not None:
+        try:
+            blocking = BlockingSocket(sock.fileno())
+        except OSError as exc:  # no descriptor left for the duplicate: the event loop alone
+            log.warning("serving a connection without a streaming thread: %s", exc)
     session = Session()
+    stream_next = False
     try:
         while True:
-            req = conn.next_request()
-            if isinstance(req, w.NeedData):
-                with trio.fail_after(idle_timeout_s):
-                    if sock is None:
-                        data = await stream.receive_some(min(max(conn.needed, _RECV), _MAX_RECV))
-                    elif (view := conn.payload_view()) is not None:
-                        got = await _recv_into(sock, view)
-                        if not got:
-                            return
-                        conn.commit_payload(got)
-                        continue
-                    else:  # the prefix or the header: never past it, into the payload
-                        data = await stream.receive_some(conn.head_needed)
-                if not data:
+            if stream_next and blocking is not None and store.can_stream():
+                stream_next = False
+                back = await store.stream(conn, session, blocking, idle_timeout_s)
+                if back.eof:
                     return
-                conn.receive_data(data)
-                continue
-            # Over a socket, a put's or append's ``data`` is a view of the connection's payload
-            # buffer, which the next frame's payload overwrites. That is safe because a request
-            # is finished with before anything more is received: handle() returns only once
-            # the worker thread that writes and hashes ``data`` is done (to_thread.run_sync
-            # waits for it even when cancelled), and nothing keeps ``data`` afterwards (the
-            # Session and ServerConnection.upload keep sizes and hashes, never the bytes).
-            # Keep it so: a request type that kept ``data`` past handle() would see it change.
-            # The other way round, a get's answer is a view of session.read_buffer, which the
-            # connection's next get overwrites: it is sent (below) before the next request is
-            # read, so before that get. Keep that too: no answer may be queued or sent later.
-            resp = await store.handle(req, session)
+                if back.req is None:  # the client paused: the event loop waits for it
+                    continue
+                resp = await store.handle(back.req, session, back.outcome)
+            else:
+                req = conn.next_request()
+                if isinstance(req, w.NeedData):
+                    with trio.fail_after(idle_timeout_s):
+                        if sock is None:
+                            data = await stream.receive_some(min(max(conn.needed, _RECV), _MAX_RECV))
+                        elif (view := conn.payload_view()) is not None:
+                            got = await _recv_into(sock, view)
+                            if not got:
+                                return
+                            conn.commit_payload(got)
+                            continue
+                        else:  # the prefix or the header: never past it, into the payload
+                            data = await stream.receive_some(conn.head_needed)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    continue
+                # Over a socket, a put's or append's ``data`` is a view of the connection's
+                # payload buffer, which the next frame's payload overwrites. That is safe
+                # because a request is finished with before anything more is received:
+                # handle() returns only once the worker thread that writes and hashes
+                # ``data`` is done (to_thread.run_sync waits for it even when cancelled), and
+                # nothing keeps ``data`` afterwards (the Session and ServerConnection.upload
+                # keep sizes and hashes, never the bytes). The streaming thread, likewise,
+                # writes an append's data before it receives more. Keep it so: a request type
+                # that kept ``data`` past handle() would see it change. The other way round,
+                # a get's answer is a view of session.read_buffer, which the connection's
+                # next get overwrites: it is sent (below) before the next request is read, so
+                # before that get. Keep that too: no answer may be queued or sent later.
+                resp = await store.handle(req, session)
             head, payload = conn.send_parts(resp)
             with trio.fail_after(idle_timeout_s):
                 if w.nbytes(payload) < _JOIN_BELOW:
@@ -940,6 +1087,8 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
                 else:
                     await stream.send_all(head)
                     await stream.send_all(payload)
+            # After an upload's accepted or a get's data, more of the same is likely next.
+            stream_next = isinstance(resp, w.Accepted | w.Data)
     except w.ShardProtocolError as exc:
         log.info("closing a connection: %s", exc)
         with trio.move_on_after(1.0):
@@ -951,6 +1100,8 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
         pass
     finally:
         session.close()
+        if blocking is not None:
+            blocking.close()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
 
@@ -967,17 +1118,23 @@ async def serve_shards(data_dir: Path, namespaces: Callable[[], Mapping[int, w.N
                        chain_id: str, host: str, port: int, *,
                        idle_timeout_s: float = IDLE_TIMEOUT_S,
                        max_connections: int = MAX_CONNECTIONS,
+                       stream_workers: int = STREAM_WORKERS,
+                       stream_linger_s: float = STREAM_LINGER_S,
                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Serve the shard store on ``host:port`` until cancelled; ``started((host, port))``
     with the bound port (``port`` 0 picks one). At most ``max_connections`` at once; a
     connection silent for ``idle_timeout_s`` (mid-frame or between requests) is closed.
+    Up to ``stream_workers`` connections at once are served by worker threads while they
+    stream (see :meth:`ShardStore.stream`; 0: none, everything on the event loop), each
+    handed back to the event loop when its client is silent for ``stream_linger_s``.
 
     Raises :class:`ConfigError` if the address cannot be bound.
     """
     await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
     await trio.to_thread.run_sync(empty_trash, data_dir)
-    store = ShardStore(data_dir, namespaces, chain_id)
+    store = ShardStore(data_dir, namespaces, chain_id, stream_workers=stream_workers,
+                       stream_linger_s=stream_linger_s)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
