@@ -928,6 +928,11 @@ class ShardStore:
             ns.count -= 1
         return w.Deleted(size)
 
+    @property
+    def streams(self) -> bool:
+        """Whether this store serves streaming connections in worker threads at all."""
+        return self._stream_workers > 0
+
     def can_stream(self) -> bool:
         """Whether a streaming worker thread is free."""
         return self._stream_workers > 0 and self._streams.available_tokens > 0
@@ -939,13 +944,15 @@ class ShardStore:
         another request comes; see :class:`Handback`. Raises what the event loop's own
         receiving would (:class:`~zos_agent.shardwire.ShardProtocolError`,
         :class:`trio.BrokenResourceError`, :class:`trio.TooSlowError`)."""
-        back = await trio.to_thread.run_sync(self._stream, conn, session, sock,
-                                             idle_timeout_s, limiter=self._streams)
-        self.streamed += back.answered
-        return back
+        tally = [0]  # counted even when the turn ends in an exception
+        try:
+            return await trio.to_thread.run_sync(self._stream, conn, session, sock,
+                                                 idle_timeout_s, tally, limiter=self._streams)
+        finally:
+            self.streamed += tally[0]
 
     def _stream(self, conn: w.ServerConnection, session: Session, sock: BlockingSocket,
-                idle_timeout_s: float) -> Handback:
+                idle_timeout_s: float, tally: list[int]) -> Handback:
         # In the worker thread: the event loop waits for it, touching neither the connection
         # nor the session meanwhile. Only the common case is served here; anything else (a
         # namespace not loaded yet, a refusal, an error) goes back to the event loop, whose
@@ -991,6 +998,7 @@ class ShardStore:
             except Quiet:
                 raise trio.TooSlowError from None
             answered += 1
+            tally[0] = answered
 
     def _stream_append(self, req: w.Append, session: Session) -> w.Accepted | bytes | Exception:
         """Write an append's data: ``accepted``, the shard hash if that completed the shard,
@@ -1032,7 +1040,7 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
     # (see ShardStore.stream): after an ``accepted`` or a ``data`` answer, if one is free.
     conn = w.ServerConnection(payload_buffer=sock is not None)
     blocking: BlockingSocket | None = None
-    if sock is not None:
+    if sock is not None and store.streams:
         try:
             blocking = BlockingSocket(sock.fileno())
         except OSError as exc:  # no descriptor left for the duplicate: the event loop alone

@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,13 +24,18 @@ import trio.testing
 
 from ledger.codec import hash_bytes, pack
 from ledger.keys import KeyPair
+from zos_agent import shardstore
 from zos_agent import shardwire as w
+from zos_agent.blocksock import BlockingSocket
 from zos_agent.shardstore import (
     DIRECT_ALIGN,
     HEADER_FIXED,
     MAGIC,
+    STREAM_LINGER_S,
+    STREAM_WORKERS,
     AlignedBuffer,
     Corrupt,
+    Handback,
     NamespaceDir,
     ShardStore,
     ShardWriter,
@@ -49,6 +55,9 @@ OWNER = KeyPair.from_seed(b"\x11" * 32)
 STRANGER = KeyPair.from_seed(b"\x22" * 32)
 NS = 42
 QUOTA = 8 * w.MAX_CHUNK
+# stream_workers for the tests run both ways: every request on the event loop (0), and
+# streaming connections served by worker threads (the default)
+STREAMS = [pytest.param(0, id="loop"), pytest.param(STREAM_WORKERS, id="threads")]
 
 
 class Client:
@@ -154,14 +163,42 @@ async def running_store(data_dir: Path, table: dict[int, w.NamespaceInfo],
         nursery.cancel_scope.cancel()
 
 
+class RecordedStore(ShardStore):
+    """A ShardStore that keeps how each streaming thread's turn ended."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.handbacks: list[Handback] = []
+
+    async def stream(self, *args: Any, **kw: Any) -> Handback:
+        back = await super().stream(*args, **kw)
+        self.handbacks.append(back)
+        return back
+
+
+@pytest.fixture
+def stores(monkeypatch: pytest.MonkeyPatch) -> list[RecordedStore]:
+    """The stores serve_shards makes from now on (to read ``streamed``), in order."""
+    made: list[RecordedStore] = []
+
+    class Recording(RecordedStore):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(shardstore, "ShardStore", Recording)
+    return made
+
+
 # -- in-process ------------------------------------------------------------------------------
 
 
-async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
-                                           table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_put_get_roundtrip_in_chunks(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     nonce = Nonces()
     big = payload(1, 3 * w.MAX_CHUNK + 12_345)  # a put and three appends
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         stored = await c.upload(NS, sid(1), big, nonce())
         assert stored == w.Stored(len(big), content_hash(big))
         assert await c.download(NS, sid(1)) == big
@@ -193,14 +230,15 @@ async def test_put_get_roundtrip_in_chunks(tmp_path: Path,
         assert code(await c.call(w.Get(NS + 1, sid(1)))) is w.ErrorCode.UNKNOWN_NAMESPACE
 
 
-async def test_pipelined_requests_are_answered_in_order(tmp_path: Path,
-                                                       table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_pipelined_requests_are_answered_in_order(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     """The storage client keeps several requests in flight per connection: the store reads
     them from its buffer one by one and answers each in turn (no change on its side)."""
     from threebot.storage.shardclient import ShardConnection, ShardUpload
 
     big = payload(7, 4 * w.MAX_CHUNK + 999)  # a put and four appends, up to 3 in flight
-    async with running_store(tmp_path, table) as addr:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr:
         async def tcp(host: str, port: int) -> trio.abc.Stream:
             return await trio.open_tcp_stream(host, port)
 
@@ -226,8 +264,9 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path,
             assert await conn.get_object(NS, sid(7), len(big)) == big  # in turn again
 
 
-async def test_client_uploads_from_memoryviews(tmp_path: Path,
-                                               table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_client_uploads_from_memoryviews(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     """ShardUpload fed 64 KiB memoryview blocks, odd sizes and one piece larger than a
     frame; put_object from a memoryview; the empty shard; the stored hash is the client's
     content_hash each time."""
@@ -235,7 +274,7 @@ async def test_client_uploads_from_memoryviews(tmp_path: Path,
 
     big = payload(8, 2 * w.MAX_CHUNK + 4321)
     view = memoryview(big)
-    async with running_store(tmp_path, table) as addr:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr:
         async def tcp(host: str, port: int) -> trio.abc.Stream:
             return await trio.open_tcp_stream(host, port)
 
@@ -263,13 +302,14 @@ async def test_client_uploads_from_memoryviews(tmp_path: Path,
             assert await conn.get_object(NS, sid(23), 10) == b""
 
 
-async def test_a_whole_upload_in_one_send(tmp_path: Path,
-                                          table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_whole_upload_in_one_send(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     """Several frames in one TCP write (and a frame split over many): answered in order."""
     data = payload(9, 2 * w.MAX_CHUNK + 3)
     reqs = w.upload_requests(OWNER, CHAIN, NS, sid(30), data, 1)
     blob = b"".join(w.ClientConnection.send(r) for r in reqs)
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         await c.send_raw(blob)
         assert [await c.response() for _ in reqs] == [
             w.Accepted(w.MAX_CHUNK), w.Accepted(2 * w.MAX_CHUNK), w.Stored(len(data), content_hash(data))]
@@ -279,15 +319,16 @@ async def test_a_whole_upload_in_one_send(tmp_path: Path,
         assert await c.response() == w.Data(len(data), content_hash(data), 5, data[5:1005])
 
 
-async def test_payloads_trickling_in_over_tcp(tmp_path: Path,
-                                             table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_payloads_trickling_in_over_tcp(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     """The store receives payloads straight into its connection buffer: frames whose head and
     payload arrive in pieces of every size, and frames sent together, come out intact."""
     data = payload(12, 2 * w.MAX_CHUNK + 4321)
     reqs = w.upload_requests(OWNER, CHAIN, NS, sid(12), data, 1)
     blob = b"".join(w.ClientConnection.send(r) for r in reqs)
     rng = random.Random(12)
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         pos = 0
         while pos < len(blob):
             n = rng.choice((1, 7, 100, 4096, 65_536, 300_001))
@@ -339,10 +380,11 @@ async def test_a_stream_other_than_a_socket_is_served(tmp_path: Path,
         await client_end.aclose()
 
 
+@pytest.mark.parametrize("streams", STREAMS)
 async def test_unsigned_foreign_and_replayed_writes_are_refused(
-        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     nonce = Nonces()
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         assert code(await c.upload(NS, sid(1), b"x", nonce(), key=STRANGER)) is \
             w.ErrorCode.NOT_OWNER
         put = w.make_put(OWNER, CHAIN, NS, sid(1), 1, b"x", nonce())
@@ -367,10 +409,12 @@ async def test_unsigned_foreign_and_replayed_writes_are_refused(
         assert await c.call(w.Stat(NS)) == w.StatResult(1, QUOTA, 1)
 
 
+@pytest.mark.parametrize("streams", STREAMS)
 async def test_quota_is_enforced_and_counts_uploads_in_flight(
-        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     nonce = Nonces()
-    async with running_store(tmp_path, table) as addr, connect(addr) as a, connect(addr) as b:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, \
+            connect(addr) as a, connect(addr) as b:
         half = QUOTA // 2
         assert isinstance(await a.upload(NS, sid(1), payload(1, half), nonce()), w.Stored)
         # b opens an upload of the remaining half: reserved while in flight
@@ -393,12 +437,13 @@ async def test_quota_is_enforced_and_counts_uploads_in_flight(
         assert not list((tmp_path / "ns" / str(NS) / "tmp").iterdir())
 
 
-async def test_corrupt_shard_is_never_served(tmp_path: Path,
-                                             table: dict[int, w.NamespaceInfo]) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_corrupt_shard_is_never_served(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     nonce = Nonces()
     data = payload(7, 2 * w.BLOCK_SIZE + 100)
     nsdir = NamespaceDir(tmp_path, NS)
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         for n in (1, 2, 3):
             assert isinstance(await c.upload(NS, sid(n), data, nonce()), w.Stored)
         # flip one data byte in the second block of shard 1
@@ -677,11 +722,13 @@ def test_direct_reads_see_bytes_written_through_the_page_cache(tmp_path: Path) -
     assert read_range(path, 0, w.BLOCK_SIZE, small)[1] == data[: w.BLOCK_SIZE]
 
 
+@pytest.mark.parametrize("streams", STREAMS)
 async def test_bad_frames_close_only_their_connection(
-        tmp_path: Path, table: dict[int, w.NamespaceInfo]) -> None:
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
     nonce = Nonces()
     data = payload(9, 2 * w.MAX_CHUNK + 1)
-    async with running_store(tmp_path, table) as addr, connect(addr) as good:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, \
+            connect(addr) as good:
         # good has an upload half done while the others misbehave
         reqs = w.upload_requests(OWNER, CHAIN, NS, sid(1), data, nonce())
         assert isinstance(await good.call(reqs[0]), w.Accepted)
@@ -716,9 +763,11 @@ async def test_bad_frames_close_only_their_connection(
         assert await good.download(NS, sid(1)) == data
 
 
-async def test_idle_connection_is_closed(tmp_path: Path,
-                                         table: dict[int, w.NamespaceInfo]) -> None:
-    async with running_store(tmp_path, table, idle_timeout_s=0.2) as addr, connect(addr) as c:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_idle_connection_is_closed(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
+    async with running_store(tmp_path, table, idle_timeout_s=0.2,
+                             stream_workers=streams) as addr, connect(addr) as c:
         put = w.make_put(OWNER, CHAIN, NS, sid(1), w.MAX_CHUNK + 1, b"q" * w.MAX_CHUNK, 1)
         assert isinstance(await c.call(put), w.Accepted)
         assert await c.closed()
@@ -764,9 +813,10 @@ async def test_replay_refused_after_restart(tmp_path: Path,
         assert await c.call(w.Stat(NS)) == w.StatResult(3, QUOTA, 1)  # usage survives too
 
 
-async def test_namespace_table_changes_take_effect(tmp_path: Path) -> None:
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_namespace_table_changes_take_effect(tmp_path: Path, streams: int) -> None:
     table: dict[int, w.NamespaceInfo] = {}
-    async with running_store(tmp_path, table) as addr, connect(addr) as c:
+    async with running_store(tmp_path, table, stream_workers=streams) as addr, connect(addr) as c:
         assert code(await c.upload(NS, sid(1), b"a", 1)) is w.ErrorCode.UNKNOWN_NAMESPACE
         table[NS] = w.NamespaceInfo(OWNER.public_key, 2)
         assert isinstance(await c.upload(NS, sid(1), b"a", 2), w.Stored)
@@ -775,6 +825,367 @@ async def test_namespace_table_changes_take_effect(tmp_path: Path) -> None:
         assert isinstance(await c.upload(NS, sid(2), b"bc", 4), w.Stored)
         del table[NS]
         assert code(await c.call(w.Get(NS, sid(1)))) is w.ErrorCode.UNKNOWN_NAMESPACE
+
+
+# -- streaming threads -----------------------------------------------------------------------
+
+# A linger longer than any pause of these tests: once a streaming thread has a connection it
+# keeps it until a request it does not serve comes (or the connection ends), so which requests
+# it answers is known.
+LONG_LINGER = 10.0
+
+
+def _tmp_files(data_dir: Path) -> list[Path]:
+    """The namespace's uploads in progress (ShardWriter temp files)."""
+    return list(NamespaceDir(data_dir, NS).tmp.iterdir())
+
+
+def _gets(n: int, data: bytes) -> tuple[list[w.Request], list[w.Response]]:
+    """Gets of shard ``n`` (holding ``data``) in MAX_CHUNK pieces, and their answers."""
+    offsets = range(0, len(data), w.MAX_CHUNK)
+    return ([w.Get(NS, sid(n), off, w.MAX_CHUNK) for off in offsets],
+            [w.Data(len(data), content_hash(data), off, data[off : off + w.MAX_CHUNK])
+             for off in offsets])
+
+
+def _stored_exactly(data_dir: Path, n: int, data: bytes) -> bool:
+    raw = NamespaceDir(data_dir, NS).shard_path(sid(n)).read_bytes()
+    start = data_offset(-(-len(data) // w.BLOCK_SIZE))
+    return raw[:8] == MAGIC and len(raw) == start + len(data) and raw[start:] == data
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["in-turn", "pipelined"])
+async def test_appends_and_gets_after_the_first_answer_are_streamed_by_a_thread(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore],
+        streams: int, pipelined: bool) -> None:
+    """After an upload's ``accepted`` and a get's ``data`` a worker thread takes the
+    connection and answers the appends and gets that follow; the append that completes the
+    shard (committed there), the first get and the stat are the event loop's. With
+    stream_workers=0 the thread never runs; the answers are the same either way."""
+    data = payload(40, 3 * w.MAX_CHUNK + 12_345)  # a put and three appends
+    gets, datas = _gets(40, data)
+    reqs: list[w.Request] = [*w.upload_requests(OWNER, CHAIN, NS, sid(40), data, 1), *gets,
+                             w.Stat(NS)]
+    want: list[w.Response] = [
+        w.Accepted(w.MAX_CHUNK), w.Accepted(2 * w.MAX_CHUNK), w.Accepted(3 * w.MAX_CHUNK),
+        w.Stored(len(data), content_hash(data)), *datas, w.StatResult(len(data), QUOTA, 1)]
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, connect(addr) as c:
+        if pipelined:  # every frame in one write
+            await c.send_raw(b"".join(w.ClientConnection.send(r) for r in reqs))
+            got = [await c.response() for _ in reqs]
+        else:
+            got = []
+            for i, r in enumerate(reqs):
+                if i == 2:  # a pause longer than the default linger: this one is 10 s
+                    await trio.sleep(2 * STREAM_LINGER_S)
+                got.append(await c.call(r))
+        assert got == want
+        assert len(stores) == 1
+        # appends 1 and 2, gets 2 to 4 (the stat's answer came after the thread's turn ended)
+        assert stores[0].streamed == (5 if streams else 0)
+        assert [b.answered for b in stores[0].handbacks] == ([2, 3] if streams else [])
+        assert await c.download(NS, sid(40)) == data
+    assert _stored_exactly(tmp_path, 40, data)
+    assert not _tmp_files(tmp_path)
+
+
+async def test_a_slow_client_is_handed_between_thread_and_event_loop(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore]) -> None:
+    """With a short linger the streaming thread gives the connection back whenever the client
+    pauses (between frames, in a frame's prefix, header or payload) and takes it again after
+    the next ``accepted`` or ``data``: every request is answered, the shard is exact."""
+    linger = 0.02
+    pause = 5 * linger  # real pauses over real TCP: the thread has let go by then
+    data = payload(41, 3 * w.MAX_CHUNK + 777)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(41), data, 1)
+    gets, datas = _gets(41, data)
+    async with running_store(tmp_path, table, stream_linger_s=linger) as addr, \
+            connect(addr) as c:
+
+        async def send_split(req: w.Request, cut: int, *, pause_first: bool) -> w.Response:
+            frame = w.ClientConnection.send(req)
+            assert 0 < cut < len(frame)
+            if pause_first:
+                await trio.sleep(pause)
+            await c.send_raw(frame[:cut])
+            await trio.sleep(pause)
+            await c.send_raw(frame[cut:])
+            return await c.response()
+
+        def head_len(req: w.Put | w.Append) -> int:
+            return len(w.ClientConnection.send(req)) - w.nbytes(req.data)
+
+        assert await c.call(reqs[0]) == w.Accepted(w.MAX_CHUNK)
+        # at once the first half of a frame (the thread reads it), then a pause in its payload
+        r = await send_split(reqs[1], head_len(reqs[1]) + w.MAX_CHUNK // 2, pause_first=False)
+        assert r == w.Accepted(2 * w.MAX_CHUNK)
+        # a pause between frames, and one in the middle of the prefix
+        assert await send_split(reqs[2], 3, pause_first=True) == w.Accepted(3 * w.MAX_CHUNK)
+        # a pause in the header, the frame that completes the shard
+        r = await send_split(reqs[3], head_len(reqs[3]) - 5, pause_first=False)
+        assert r == w.Stored(len(data), content_hash(data))
+        assert await c.call(gets[0]) == datas[0]
+        frame = w.ClientConnection.send(gets[1])
+        assert await send_split(gets[1], len(frame) // 2, pause_first=False) == datas[1]
+        await trio.sleep(pause)
+        assert await c.call(gets[2]) == datas[2]
+        assert await c.call(gets[3]) == datas[3]
+        await trio.sleep(pause)
+        assert await c.download(NS, sid(41)) == data
+        assert await c.call(w.Verify(NS, sid(41))) == w.Verified(len(data), content_hash(data))
+        assert await c.call(w.Stat(NS)) == w.StatResult(len(data), QUOTA, 1)
+        # the pauses did end threads' turns (a client pause: no request, no end of stream)
+        assert any(b.req is None and not b.eof for b in stores[0].handbacks)
+    assert _stored_exactly(tmp_path, 41, data)
+    assert not _tmp_files(tmp_path)
+
+
+async def test_one_worker_streams_one_connection_the_event_loop_serves_the_other(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore]) -> None:
+    """stream_workers=1: while connection a holds the thread, b's upload and gets, interleaved
+    with a's, are served by the event loop; both come out right."""
+    data_a = payload(42, 3 * w.MAX_CHUNK + 5)
+    data_b = payload(43, 3 * w.MAX_CHUNK + 6)
+    up_a = w.upload_requests(OWNER, CHAIN, NS, sid(42), data_a, 1)
+    up_b = w.upload_requests(OWNER, CHAIN, NS, sid(43), data_b, 2)
+    gets_a, datas_a = _gets(42, data_a)
+    gets_b, datas_b = _gets(43, data_b)
+    async with running_store(tmp_path, table, stream_workers=1,
+                             stream_linger_s=LONG_LINGER) as addr, \
+            connect(addr) as a, connect(addr) as b:
+        for i in range(3):
+            assert isinstance(await a.call(up_a[i]), w.Accepted)
+            assert isinstance(await b.call(up_b[i]), w.Accepted)
+        assert await a.call(up_a[3]) == w.Stored(len(data_a), content_hash(data_a))
+        assert await b.call(up_b[3]) == w.Stored(len(data_b), content_hash(data_b))
+        for i in range(4):
+            assert await a.call(gets_a[i]) == datas_a[i]
+            assert await b.call(gets_b[i]) == datas_b[i]
+        assert await a.call(w.Stat(NS)) == \
+            w.StatResult(len(data_a) + len(data_b), QUOTA, 2)
+        # The thread answered a's appends 1-2 and gets 2-4, none of b's. It had one turn at
+        # b: b's last append, arriving once a's upload let go of the thread (a connection
+        # that streamed takes a free thread even mid-frame), completed the shard, which the
+        # event loop commits and answers.
+        assert stores[0].streamed == 5
+        turns = [(bk.answered, isinstance(bk.req, w.Append) and bk.req.shard_id)
+                 for bk in stores[0].handbacks]
+        assert turns == [(2, sid(42)), (0, sid(43)), (3, False)]
+        assert await b.download(NS, sid(42)) == data_a
+        assert await a.download(NS, sid(43)) == data_b
+    assert _stored_exactly(tmp_path, 42, data_a)
+    assert _stored_exactly(tmp_path, 43, data_b)
+
+
+async def test_cancelling_the_store_ends_a_thread_waiting_mid_frame(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streaming thread waits for the rest of an append (the linger is 30 s); cancelling the
+    store ends its wait at the next cancellation check, and the upload is discarded."""
+    half = w.MAX_CHUNK // 2
+    received: list[int] = []  # bytes each streaming-thread recv_into got
+    have_half = threading.Event()
+    real_recv_into = BlockingSocket.recv_into
+
+    def recv_into(self: BlockingSocket, view: memoryview, deadline: float) -> int:
+        got = real_recv_into(self, view, deadline)
+        received.append(got)
+        if sum(received) >= half:
+            have_half.set()
+        return got
+
+    monkeypatch.setattr(BlockingSocket, "recv_into", recv_into)
+    data = payload(44, 2 * w.MAX_CHUNK + 1)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(44), data, 1)
+    frame = w.ClientConnection.send(reqs[1])
+    stream: trio.SocketStream | None = None
+    try:
+        # The hang guard is shorter than the linger: the thread must notice the cancellation.
+        with trio.fail_after(10):
+            async with running_store(tmp_path, table, stream_linger_s=30.0) as addr:
+                stream = await trio.open_tcp_stream(*addr)
+                c = Client(stream)
+                assert await c.call(reqs[0]) == w.Accepted(w.MAX_CHUNK)
+                await c.send_raw(frame[: len(frame) - w.MAX_CHUNK + half])
+                # the thread has it all, and waits for the rest
+                assert await trio.to_thread.run_sync(have_half.wait, 10)
+                assert len(_tmp_files(tmp_path)) == 1
+            # leaving running_store cancelled the store, with the client still connected
+            assert not _tmp_files(tmp_path)
+            assert await c.closed()
+    finally:
+        if stream is not None:
+            await stream.aclose()
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_namespace_removed_during_a_streamed_upload(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore],
+        streams: int) -> None:
+    """The contract goes while an upload streams: its next append is refused (as on the event
+    loop), the temp file goes at once, and the connection goes on (the refusal is no
+    protocol error; the upload is over, so a further append of it is one)."""
+    data = payload(45, 3 * w.MAX_CHUNK + 9)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(45), data, 1)
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, connect(addr) as c:
+        assert await c.call(reqs[0]) == w.Accepted(w.MAX_CHUNK)
+        assert await c.call(reqs[1]) == w.Accepted(2 * w.MAX_CHUNK)
+        assert len(_tmp_files(tmp_path)) == 1
+        info = table.pop(NS)
+        r = await c.call(reqs[2])
+        assert code(r) is w.ErrorCode.UNKNOWN_NAMESPACE
+        assert not _tmp_files(tmp_path)
+        assert code(await c.call(w.Stat(NS))) is w.ErrorCode.UNKNOWN_NAMESPACE
+        assert stores[0].streamed == (1 if streams else 0)  # the first append
+        table[NS] = info
+        assert await c.call(w.Stat(NS)) == w.StatResult(0, QUOTA, 0)
+        assert code(await c.call(w.Get(NS, sid(45)))) is w.ErrorCode.NOT_FOUND
+        other = payload(46, QUOTA)  # the whole quota is free
+        assert await c.upload(NS, sid(46), other, 2) == w.Stored(QUOTA, content_hash(other))
+        assert await c.download(NS, sid(46)) == other
+        await c.send_raw(w.ClientConnection.send(reqs[3]))  # the refused upload's last append
+        assert code(await c.response()) is w.ErrorCode.BAD_STATE
+        assert await c.closed()
+    assert not _tmp_files(tmp_path)
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_namespace_removed_during_a_run_of_gets(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore],
+        streams: int) -> None:
+    data = payload(54, 2 * w.MAX_CHUNK)
+    gets, datas = _gets(54, data)
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, connect(addr) as c:
+        assert isinstance(await c.upload(NS, sid(54), data, 1), w.Stored)
+        assert await c.call(gets[0]) == datas[0]  # the thread takes over (streams > 0)
+        assert await c.call(gets[1]) == datas[1]
+        info = table.pop(NS)
+        assert code(await c.call(gets[0])) is w.ErrorCode.UNKNOWN_NAMESPACE
+        assert stores[0].streamed == (1 if streams else 0)
+        table[NS] = info
+        assert await c.call(gets[0]) == datas[0]
+        assert await c.call(gets[1]) == datas[1]
+        assert await c.call(w.Stat(NS)) == w.StatResult(len(data), QUOTA, 1)
+        assert stores[0].streamed == (2 if streams else 0)
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_write_error_in_a_streamed_upload_is_answered_and_discards_it(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore],
+        monkeypatch: pytest.MonkeyPatch, streams: int) -> None:
+    """The disk fills up at an upload's second append (written in the streaming thread):
+    the client gets ``internal`` naming the cause, the temp file and the quota reservation
+    go, and this and other connections go on."""
+    failing = sid(47)
+    real_write = ShardWriter.write_and_finish
+
+    def write_and_finish(self: ShardWriter, data: w.Bytes) -> bytes | None:
+        if self.path.name.startswith(failing.hex()) and self.written == 2 * w.MAX_CHUNK:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(ShardWriter, "write_and_finish", write_and_finish)
+    data = payload(47, 3 * w.MAX_CHUNK + 5)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(47), data, 1)
+    other = payload(48, 2 * w.MAX_CHUNK + 3)
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, \
+            connect(addr) as c, connect(addr) as d:
+        assert await c.call(reqs[0]) == w.Accepted(w.MAX_CHUNK)
+        assert await c.call(reqs[1]) == w.Accepted(2 * w.MAX_CHUNK)
+        r = await c.call(reqs[2])
+        assert isinstance(r, w.Error)
+        assert r.code is w.ErrorCode.INTERNAL
+        assert "No space left on device" in r.message
+        assert not _tmp_files(tmp_path)
+        assert stores[0].streamed == (1 if streams else 0)  # the first append
+        assert code(await c.call(w.Get(NS, sid(47)))) is w.ErrorCode.NOT_FOUND
+        assert await d.upload(NS, sid(48), other, 2) == w.Stored(len(other), content_hash(other))
+        assert await d.download(NS, sid(48)) == other
+        # the failed upload's reservation was returned: the rest of the quota fits
+        rest = payload(49, QUOTA - len(other))
+        assert await c.upload(NS, sid(49), rest, 3) == w.Stored(len(rest), content_hash(rest))
+        assert await c.download(NS, sid(49)) == rest
+        assert await c.call(w.Stat(NS)) == w.StatResult(QUOTA, QUOTA, 2)
+    assert not _tmp_files(tmp_path)
+
+
+async def test_a_shard_corrupted_under_a_streaming_thread_is_never_served(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore]) -> None:
+    """A byte flips between two gets answered by the same streaming thread on one connection:
+    the next get of that block is ``corrupt``, never the bad data; intact blocks are still
+    served."""
+    data = payload(50, 2 * w.BLOCK_SIZE + 100)
+    size, shard_hash = len(data), content_hash(data)
+    path = NamespaceDir(tmp_path, NS).shard_path(sid(50))
+    async with running_store(tmp_path, table, stream_linger_s=LONG_LINGER) as addr, \
+            connect(addr) as c:
+        assert isinstance(await c.upload(NS, sid(50), data, 1), w.Stored)
+        bs = w.BLOCK_SIZE
+        # the event loop answers, then the thread takes the connection
+        assert await c.call(w.Get(NS, sid(50), 0, 10)) == w.Data(size, shard_hash, 0, data[:10])
+        assert await c.call(w.Get(NS, sid(50), bs, 10)) == \
+            w.Data(size, shard_hash, bs, data[bs : bs + 10])  # the thread
+        raw = bytearray(path.read_bytes())
+        raw[-150] ^= 0x01  # a data byte of block 1
+        _rewrite(path, bytes(raw))
+        assert code(await c.call(w.Get(NS, sid(50), bs, 10))) is w.ErrorCode.CORRUPT
+        assert await c.call(w.Get(NS, sid(50), 0, 10)) == w.Data(size, shard_hash, 0, data[:10])
+        assert await c.call(w.Get(NS, sid(50), 2 * bs, 10)) == \
+            w.Data(size, shard_hash, 2 * bs, data[2 * bs : 2 * bs + 10])  # the thread
+        assert code(await c.call(w.Get(NS, sid(50), 0, w.MAX_CHUNK))) is w.ErrorCode.CORRUPT
+        assert await c.call(w.Stat(NS)) == w.StatResult(size, QUOTA, 1)
+        assert stores[0].streamed == 2  # the corrupt reads were left to the event loop
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+@pytest.mark.parametrize("bad", ["too_large", "out_of_order", "malformed"])
+async def test_a_bad_frame_in_a_streamed_upload_closes_only_its_connection(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int, bad: str) -> None:
+    data = payload(51, 3 * w.MAX_CHUNK + 1)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(51), data, 1)
+    raw, want = {
+        "too_large": (struct.pack(">II", 200, w.MAX_CHUNK + 1), w.ErrorCode.TOO_LARGE),
+        "out_of_order": (w.ClientConnection.send(reqs[3]), w.ErrorCode.BAD_STATE),  # skips one
+        "malformed": (struct.pack(">II", 4, 0) + b"\xc1\xc1\xc1\xc1", w.ErrorCode.MALFORMED),
+    }[bad]
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, \
+            connect(addr) as c, connect(addr) as other:
+        assert await c.call(reqs[0]) == w.Accepted(w.MAX_CHUNK)
+        assert await c.call(reqs[1]) == w.Accepted(2 * w.MAX_CHUNK)
+        await c.send_raw(raw)
+        assert code(await c.response()) is want
+        assert await c.closed()
+        assert not _tmp_files(tmp_path)
+        whole = payload(52, QUOTA)  # the reservation went with the connection
+        assert await other.upload(NS, sid(52), whole, 2) == w.Stored(QUOTA, content_hash(whole))
+        assert await other.download(NS, sid(52)) == whole
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_streamed_upload_not_matching_its_signed_hash_is_not_stored(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], streams: int) -> None:
+    data = payload(53, 3 * w.MAX_CHUNK + 7)
+    reqs = w.upload_requests(OWNER, CHAIN, NS, sid(53), data, 1)
+    forged: list[w.Request] = [reqs[0]]
+    for r in reqs[1:]:  # the appends carry other bytes than the put signed the hash of
+        assert isinstance(r, w.Append)
+        forged.append(w.Append(r.ns, r.shard_id, r.offset, bytes(w.nbytes(r.data)), r.hash))
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=LONG_LINGER) as addr, connect(addr) as c:
+        assert [await c.call(r) for r in forged[:3]] == [
+            w.Accepted(w.MAX_CHUNK), w.Accepted(2 * w.MAX_CHUNK), w.Accepted(3 * w.MAX_CHUNK)]
+        assert code(await c.call(forged[3])) is w.ErrorCode.BAD_HASH
+        assert not _tmp_files(tmp_path)
+        assert code(await c.call(w.Get(NS, sid(53)))) is w.ErrorCode.NOT_FOUND
+        assert await c.call(w.Stat(NS)) == w.StatResult(0, QUOTA, 0)
+        assert await c.upload(NS, sid(53), data, 2) == w.Stored(len(data), content_hash(data))
+        assert await c.download(NS, sid(53)) == data
 
 
 # -- the child process -----------------------------------------------------------------------
