@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -250,6 +251,15 @@ def _read_into(fd: int, direct_fd: int | None, buf: memoryview, offset: int, len
     return got
 
 
+def _page_aligned(view: memoryview) -> bool:
+    """Whether a (non-empty, C-contiguous) view starts at a page boundary: it can then be
+    written with ``O_DIRECT`` as it is. A read-only view (``bytes``) reads as not aligned."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _pwrite_all(fd: int, data: w.Bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -307,11 +317,13 @@ class ShardWriter:
     """One upload: data goes into a temp file as it arrives, each block hashed once
     (:class:`~zos_agent.shardwire.ContentHasher`) from the bytes given.
 
-    The file is written with ``O_DIRECT`` where the filesystem takes it: each chunk is copied
-    into one page-aligned bounce buffer of :data:`~zos_agent.shardwire.MAX_CHUNK` bytes
-    (mapped on the first write, reused) and written from there once the buffer is full, so
-    every write is a whole aligned megabyte at an aligned offset (chunks are MAX_CHUNK bytes
-    but the last; a shorter one just waits in the buffer for the next). The rest is written
+    The file is written with ``O_DIRECT`` where the filesystem takes it. A chunk of whole
+    pages at a page-aligned address (as the store's payload buffer gives them) is written as it
+    is when nothing waits in the bounce buffer. Any other chunk is copied into one page-aligned
+    bounce buffer of :data:`~zos_agent.shardwire.MAX_CHUNK` bytes (mapped on first need,
+    reused) and written from there once the buffer is full, so every write is whole pages at
+    an aligned offset (chunks are MAX_CHUNK bytes but the last; a shorter one just waits in
+    the buffer for the next). The rest is written
     by :meth:`finish`, zero-padded to :data:`DIRECT_ALIGN` (never bytes of an earlier
     chunk), and the file is cut to its exact length. If the filesystem refuses ``O_DIRECT``
     (at open or on a write: EINVAL) the writer goes on buffered, writing each chunk as it
@@ -339,6 +351,7 @@ class ShardWriter:
         self._hasher = w.ContentHasher()
         self._bounce = AlignedBuffer(max(w.MAX_CHUNK, self._base))
         self._staged = 0  # bytes in the bounce buffer, not yet written (direct only)
+        self.copied = 0  # bytes that went through the bounce buffer (direct only)
         self._flushed = 0  # data bytes written to the file (data offset + this: next write)
         self.written = 0
 
@@ -360,12 +373,24 @@ class ShardWriter:
         self._hasher.update(data)
 
     def _stage(self, fd: int, src: memoryview) -> None:
+        if not self._staged and src and len(src) % DIRECT_ALIGN == 0 and _page_aligned(src):
+            # Whole pages at a page-aligned address (the store's payload buffer), nothing
+            # staged: written as they are, without the copy into the bounce buffer.
+            try:
+                _pwrite_all(fd, src, self._base + self._flushed)
+                self._flushed += len(src)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            # Refused: the bounce buffer below rewrites the same bytes (or goes buffered).
         buf = self._bounce.get(w.MAX_CHUNK)
         room = w.MAX_CHUNK
         while src:
             take = min(len(src), room - self._staged)
             buf[self._staged : self._staged + take] = src[:take]  # a copy; no view is kept
             self._staged += take
+            self.copied += take
             src = src[take:]
             if self._staged == room:
                 self._write_bounce(fd, room, self._base + self._flushed)

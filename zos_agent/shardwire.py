@@ -127,6 +127,7 @@ commits.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -866,8 +867,9 @@ class FrameReader:
     are checked as soon as a frame's prefix is in: a :class:`ShardProtocolError`
     (``too_large``) then, before any of its body is buffered beyond what already arrived.
 
-    With ``payload_buffer=True``, payloads are received straight into one bytearray of
-    :data:`MAX_CHUNK` bytes instead, allocated on the first frame that has a payload (a
+    With ``payload_buffer=True``, payloads are received straight into one page-aligned buffer
+    of :data:`MAX_CHUNK` bytes instead (an anonymous mapping), made on the first frame that has
+    a payload (a
     connection that only reads never holds one) and reused for every later frame: once a
     frame's prefix and header are in, :meth:`payload_view` is a writable view of the payload
     bytes still missing; a driver receives into it (``socket.recv_into``) and reports how
@@ -983,7 +985,9 @@ class FrameReader:
         self._filled = min(payload, self._buffered)
         if payload:
             if self._buf is None:
-                self._buf = memoryview(bytearray(MAX_CHUNK))
+                # Page-aligned (an anonymous mapping), so that the store can write a payload
+                # to disk with O_DIRECT straight from here.
+                self._buf = memoryview(mmap.mmap(-1, MAX_CHUNK))
             self._take_into(self._buf[: self._filled])
 
     def next_frame(self) -> tuple[Any, bytes | memoryview] | NeedData:

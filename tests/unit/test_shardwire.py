@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import Any
 
@@ -420,9 +421,10 @@ def test_payloads_are_received_into_one_buffer(sizes: list[int]) -> None:
         got = drive(conn, sock)
         assert got == req
         if isinstance(got, w.Put | w.Append):
-            # a view of the connection's one buffer, not a copy
+            # a view of the connection's one buffer, not a copy; page-aligned (an anonymous
+            # mapping), so the store can write it with O_DIRECT as it is
             assert isinstance(got.data, memoryview)
-            assert isinstance(got.data.obj, bytearray)
+            assert isinstance(got.data.obj, mmap.mmap)
             assert len(got.data.obj) == w.MAX_CHUNK
             buffers.add(id(got.data.obj))
         answer(conn, got, len(data))
