@@ -199,6 +199,10 @@ class AlignedBuffer:
             self._map = mmap.mmap(-1, _align_up(max(size, self._min_size, 1)))
         return self._map
 
+    @property
+    def mapped(self) -> bool:
+        return self._map is not None
+
     def close(self) -> None:
         if self._map is not None:
             old, self._map = self._map, None
@@ -790,6 +794,7 @@ class ShardStore:
         self._streams = trio.CapacityLimiter(max(stream_workers, 1))
         self._stream_linger_s = stream_linger_s
         self.streamed = 0  # requests answered in streaming threads (a statistic)
+        self.idle_releases = 0  # times a quiet connection gave its buffers back
 
     async def _namespace(self, ns: int) -> tuple[_Namespace, w.NamespaceInfo]:
         info = self.namespaces().get(ns)
@@ -954,6 +959,19 @@ class ShardStore:
         return w.Deleted(size)
 
     @property
+    def stream_linger_s(self) -> float:
+        return self._stream_linger_s
+
+    def release_idle(self, conn: w.ServerConnection, session: Session) -> bool:
+        """Give back a quiet connection's buffers (payload and read buffer); True if it held
+        any. Counted in :attr:`idle_releases`."""
+        held = conn.holds_buffer or session.read_buffer.mapped
+        conn.release_buffer()
+        session.read_buffer.close()
+        self.idle_releases += held
+        return held
+
+    @property
     def streams(self) -> bool:
         """Whether this store serves streaming connections in worker threads at all."""
         return self._stream_workers > 0
@@ -1081,7 +1099,9 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
                     return
                 if back.req is None:  # the client paused: the event loop waits for it
                     continue
-                resp = await store.handle(back.req, session, back.outcome)
+                stream_next = await _answer(stream, conn, store, session, back.req,
+                                            back.outcome, idle_timeout_s)
+                del back  # it holds the request's data: a view of the payload buffer
             else:
                 req = conn.next_request()
                 if isinstance(req, w.NeedData):
@@ -1094,6 +1114,15 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
                                 return
                             conn.commit_payload(got)
                             continue
+                        elif (conn.needed == w.PREFIX_SIZE
+                              and (conn.holds_buffer or session.read_buffer.mapped)):
+                            # Between requests, holding buffers: if the client stays quiet,
+                            # give them back (an idle connection then holds none).
+                            with trio.move_on_after(store.stream_linger_s) as quiet:
+                                data = await stream.receive_some(conn.head_needed)
+                            if quiet.cancelled_caught:
+                                store.release_idle(conn, session)
+                                data = await stream.receive_some(conn.head_needed)
                         else:  # the prefix or the header: never past it, into the payload
                             data = await stream.receive_some(conn.head_needed)
                     if not data:
@@ -1112,16 +1141,11 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
                 # a get's answer is a view of session.read_buffer, which the connection's
                 # next get overwrites: it is sent (below) before the next request is read, so
                 # before that get. Keep that too: no answer may be queued or sent later.
-                resp = await store.handle(req, session)
-            head, payload = conn.send_parts(resp)
-            with trio.fail_after(idle_timeout_s):
-                if w.nbytes(payload) < _JOIN_BELOW:
-                    await stream.send_all(head + payload if payload else head)
-                else:
-                    await stream.send_all(head)
-                    await stream.send_all(payload)
-            # After an upload's accepted or a get's data, more of the same is likely next.
-            stream_next = isinstance(resp, w.Accepted | w.Data)
+                # And no reference to either may outlive its turn here (hence the del, and
+                # _answer's locals): release_idle() frees the buffers of a quiet connection.
+                stream_next = await _answer(stream, conn, store, session, req, None,
+                                            idle_timeout_s)
+                del req
     except w.ShardProtocolError as exc:
         log.info("closing a connection: %s", exc)
         with trio.move_on_after(1.0):
@@ -1137,6 +1161,22 @@ async def serve_connection(stream: trio.abc.Stream, store: ShardStore, *,
             blocking.close()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+async def _answer(stream: trio.abc.Stream, conn: w.ServerConnection, store: ShardStore,
+                  session: Session, req: w.Request, written: bytes | Exception | None,
+                  idle_timeout_s: float) -> bool:
+    """Handle ``req`` and send the answer; whether it was ``accepted`` or ``data`` (after
+    which more of the same is likely next: a streaming thread may take over)."""
+    resp = await store.handle(req, session, written)
+    head, payload = conn.send_parts(resp)
+    with trio.fail_after(idle_timeout_s):
+        if w.nbytes(payload) < _JOIN_BELOW:
+            await stream.send_all(head + payload if payload else head)
+        else:
+            await stream.send_all(head)
+            await stream.send_all(payload)
+    return isinstance(resp, w.Accepted | w.Data)
 
 
 async def _recv_into(sock: trio.socket.SocketType, view: memoryview) -> int:

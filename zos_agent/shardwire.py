@@ -962,6 +962,20 @@ class FrameReader:
             raise LocalProtocolError(f"{n} bytes committed; the payload lacks {missing}")
         self._filled += n
 
+    @property
+    def holds_buffer(self) -> bool:
+        """Whether the payload buffer is allocated."""
+        return self._buf is not None
+
+    def release_buffer(self) -> bool:
+        """Drop the payload buffer, if no payload is being received into it (the next
+        payload gets a new one); whether it was dropped. A view of it given out by
+        :meth:`next_frame` keeps its memory until that view goes."""
+        if self._head is not None:
+            return False
+        self._buf = None
+        return True
+
     def _advance(self) -> None:
         """Read the prefix once it is in and, with a payload buffer, take the header once it
         is in and move the payload bytes already queued into the buffer."""
@@ -1119,6 +1133,16 @@ class ServerConnection:
         """``n`` bytes were received into :meth:`payload_view`. Raises
         :class:`LocalProtocolError` if that is more than the payload lacks."""
         self._reader.commit_payload(n)
+
+    @property
+    def holds_buffer(self) -> bool:
+        """Whether the connection's payload buffer is allocated."""
+        return self._reader.holds_buffer
+
+    def release_buffer(self) -> bool:
+        """Drop the payload buffer unless a payload is being received into it (see
+        :meth:`FrameReader.release_buffer`)."""
+        return self._reader.release_buffer()
 
     def next_request(self) -> Request | NeedData:
         """The next request, or :data:`NEED_DATA`. Raises :class:`ShardProtocolError`."""

@@ -3,6 +3,7 @@ as the ``python -m zos_agent.shardstore`` child process the agent runs."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -1286,6 +1287,82 @@ async def test_child_process_serves_and_reloads_namespaces(tmp_path: Path) -> No
     async with child_store(tmp_path / "data", ns_file) as child:
         assert child.proc.returncode is None
     assert child.proc.returncode == 0  # SIGTERM is a clean stop
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    """Wait (polling, at most 10 s) until ``cond()``: for what the store does on its own
+    after a real-time pause."""
+    with trio.fail_after(10):
+        while True:
+            if cond():
+                return
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("streams", STREAMS)
+async def test_a_quiet_connection_gives_its_buffers_back(
+        tmp_path: Path, table: dict[int, w.NamespaceInfo], stores: list[RecordedStore],
+        streams: int) -> None:
+    """Buffers go back once the client is quiet between requests, never mid-upload; the
+    connection then serves uploads and gets as before (with new buffers)."""
+    nonce = Nonces()
+    data = payload(41, 2 * w.MAX_CHUNK + 99)
+    async with running_store(tmp_path, table, stream_workers=streams,
+                             stream_linger_s=0.05) as addr, connect(addr) as c:
+        assert isinstance(await c.upload(NS, sid(1), data, nonce()), w.Stored)
+        assert await c.download(NS, sid(1)) == data
+        await until(lambda: stores[0].idle_releases >= 1)
+        # an upload left open while quiet: its buffer goes too, and it goes on afterwards
+        reqs = w.upload_requests(OWNER, CHAIN, NS, sid(2), data, nonce())
+        assert isinstance(await c.call(reqs[0]), w.Accepted)
+        released = stores[0].idle_releases
+        await until(lambda: stores[0].idle_releases > released)
+        for req in reqs[1:]:
+            resp = await c.call(req)
+        assert resp == w.Stored(len(data), content_hash(data))
+        assert await c.download(NS, sid(2)) == data
+        assert await c.download(NS, sid(1)) == data
+        # mid-frame (half a payload received), nothing is released: the frame completes
+        more = w.upload_requests(OWNER, CHAIN, NS, sid(3), data, nonce())
+        frame = w.ClientConnection.send(more[0])
+        released = stores[0].idle_releases
+        await c.send_raw(frame[: len(frame) // 2])
+        await trio.sleep(0.3)  # several lingers' worth of silence, mid-frame
+        assert stores[0].idle_releases == released
+        await c.send_raw(frame[len(frame) // 2 :])
+        assert isinstance(await c.response(), w.Accepted)
+
+
+@pytest.mark.slow
+async def test_idle_connections_hold_no_buffers_in_the_child_process(tmp_path: Path) -> None:
+    """32 connections that each read a shard and opened an upload, then went quiet: the
+    store's resident memory goes back down (each held about 2 MiB of buffers while busy)."""
+    ns_file = tmp_path / "namespaces.json"
+    write_namespaces_file(ns_file, {NS: w.NamespaceInfo(OWNER.public_key, 1 << 30)})
+    data = payload(42, 3 * w.MAX_CHUNK)
+
+    def rss_kib(pid: int) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    async with child_store(tmp_path / "data", ns_file) as child, \
+            contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(connect(child.addr))
+        assert isinstance(await first.upload(NS, sid(0), data, 1), w.Stored)
+        base = rss_kib(child.proc.pid)
+        peak = base
+        for i in range(32):
+            c = await stack.enter_async_context(connect(child.addr))
+            r = await c.call(w.Get(NS, sid(0), 0, w.MAX_CHUNK))
+            assert isinstance(r, w.Data)
+            assert r.data == data[: w.MAX_CHUNK]
+            put = w.upload_requests(OWNER, CHAIN, NS, sid(100 + i), data, 10 + i)[0]
+            assert isinstance(await c.call(put), w.Accepted)
+            peak = max(peak, rss_kib(child.proc.pid))
+        assert peak > base + 8 * 1024  # the buffers were really there while busy
+        await until(lambda: rss_kib(child.proc.pid) <= base + 4 * 1024)
 
 
 @pytest.mark.slow

@@ -768,3 +768,31 @@ def test_next_nonce_increases() -> None:
     assert w.next_nonce(0, 1000) == 1000
     assert w.next_nonce(1000, 1000) == 1001
     assert w.next_nonce(5, 0) == 6
+
+
+def test_the_payload_buffer_is_released_only_between_frames() -> None:
+    """A quiet connection may drop its payload buffer between frames (the next payload gets
+    a new one), never while a payload is being received into it."""
+    data = bytes(range(256)) * 9000
+    reqs = w.upload_requests(OWNER, CHAIN, NS, SID, data, 3)
+    stream, _ = frame_spans(reqs)
+    conn = w.ServerConnection(payload_buffer=True)
+    assert not conn.holds_buffer
+    assert conn.release_buffer()  # nothing to drop: fine
+    sock = FakeSocket(stream, [1 << 30])
+    first = drive(conn, sock)
+    assert first == reqs[0]
+    assert conn.holds_buffer
+    answer(conn, first, len(data))
+    del first
+    assert conn.release_buffer()
+    assert not conn.holds_buffer
+    # half of the next frame's payload: the buffer is in use and stays
+    half = FakeSocket(stream[sock.pos : sock.pos + 200 + w.MAX_CHUNK // 2], [1 << 30])
+    assert drive(conn, half) is w.NEED_DATA
+    assert conn.holds_buffer
+    assert not conn.release_buffer()
+    assert conn.holds_buffer
+    rest = FakeSocket(stream[sock.pos + half.pos :], [1 << 30])
+    second = drive(conn, rest)
+    assert second == reqs[1]
