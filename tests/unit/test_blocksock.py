@@ -10,7 +10,7 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -50,6 +50,26 @@ class FakeClock:
 
     async def reads_at_least(self, n: int) -> None:
         assert await trio.to_thread.run_sync(self.wait_reads, n)
+
+
+async def in_thread(call: Callable[[], object],
+                    meanwhile: Callable[[list[object]], Awaitable[None]]) -> object:
+    """Run ``call`` in a worker thread while ``meanwhile(outcome)`` runs here (``outcome``
+    stays empty until the thread ends); what the call returned, or the exception it raised."""
+    outcome: list[object] = []
+
+    async def worker() -> None:
+        try:
+            outcome.append(await trio.to_thread.run_sync(call))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(HANG_GUARD_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            await meanwhile(outcome)
+    assert len(outcome) == 1
+    return outcome[0]
 
 
 @pytest.fixture
@@ -102,18 +122,13 @@ async def test_a_read_waits_for_data_that_arrives_later(pair: Pair) -> None:
     clock = FakeClock()
     bs = BlockingSocket(ours.fileno(), clock=clock)
     buf = bytearray(100)
-    got: list[int] = []
 
-    async def reader() -> None:
-        got.append(await trio.to_thread.run_sync(bs.recv_into, memoryview(buf), 1.0))
+    async def meanwhile(outcome: list[object]) -> None:
+        await clock.reads_at_least(3)  # two poll slices went by with nothing
+        assert not outcome
+        peer.sendall(b"late")
 
-    with trio.fail_after(HANG_GUARD_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await clock.reads_at_least(3)  # two poll slices went by with nothing
-            assert not got
-            peer.sendall(b"late")
-    assert got == [4]
+    assert await in_thread(lambda: bs.recv_into(memoryview(buf), 1.0), meanwhile) == 4
     assert buf[:4] == b"late"
     bs.close()
 
@@ -122,18 +137,13 @@ async def test_wait_readable_returns_once_data_is_there(pair: Pair) -> None:
     ours, peer = pair
     clock = FakeClock()
     bs = BlockingSocket(ours.fileno(), clock=clock)
-    done = trio.Event()
 
-    async def waiter() -> None:
-        await trio.to_thread.run_sync(bs.wait_readable, 1.0)
-        done.set()
+    async def meanwhile(outcome: list[object]) -> None:
+        await clock.reads_at_least(2)
+        assert not outcome
+        peer.sendall(b"x")
 
-    with trio.fail_after(HANG_GUARD_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await clock.reads_at_least(2)
-            assert not done.is_set()
-            peer.sendall(b"x")
+    assert await in_thread(lambda: bs.wait_readable(1.0), meanwhile) is None
     assert bs.recv(10, 1.0) == b"x"  # waiting consumed nothing
     clock.now = 1.0
     with pytest.raises(Quiet):
@@ -199,25 +209,16 @@ async def test_quiet_once_the_clock_passes_the_deadline_while_waiting(pair: Pair
     ours, peer = pair
     clock = FakeClock()
     bs = BlockingSocket(ours.fileno(), clock=clock)
-    outcome: list[object] = []
 
-    async def reader() -> None:
-        try:
-            outcome.append(await trio.to_thread.run_sync(bs.recv, 10, 2.0))
-        except Quiet as exc:
-            outcome.append(exc)
+    async def meanwhile(outcome: list[object]) -> None:
+        await clock.reads_at_least(3)
+        clock.now = 1.999
+        reads = clock.reads
+        await clock.reads_at_least(reads + 2)
+        assert not outcome  # still before the deadline: still waiting
+        clock.now = 2.0
 
-    with trio.fail_after(HANG_GUARD_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await clock.reads_at_least(3)
-            clock.now = 1.999
-            reads = clock.reads
-            await clock.reads_at_least(reads + 2)
-            assert not outcome  # still before the deadline: still waiting
-            clock.now = 2.0
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], Quiet)
+    assert isinstance(await in_thread(lambda: bs.recv(10, 2.0), meanwhile), Quiet)
     peer.sendall(b"after")  # nothing was lost: the socket reads on
     assert bs.recv(10, 3.0) == b"after"
     bs.close()
@@ -227,22 +228,13 @@ async def test_quiet_when_the_peer_does_not_read_what_send_all_sends(pair: Pair)
     ours, peer = pair
     clock = FakeClock()
     bs = BlockingSocket(ours.fileno(), clock=clock)
-    outcome: list[BaseException] = []
 
-    async def sender() -> None:
-        try:
-            await trio.to_thread.run_sync(bs.send_all, bytes(32 << 20), 1.0)
-        except Quiet as exc:
-            outcome.append(exc)
+    async def meanwhile(outcome: list[object]) -> None:
+        await clock.reads_at_least(3)  # the buffers are full: it waits to write
+        assert not outcome
+        clock.now = 1.5
 
-    with trio.fail_after(HANG_GUARD_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender)
-            await clock.reads_at_least(3)  # the buffers are full: it waits to write
-            assert not outcome
-            clock.now = 1.5
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], Quiet)
+    assert isinstance(await in_thread(lambda: bs.send_all(bytes(32 << 20), 1.0), meanwhile), Quiet)
     bs.close()
 
 
@@ -274,22 +266,15 @@ async def test_a_tcp_reset_ends_a_waiting_read(tcp_pair: Pair) -> None:
     ours, peer = tcp_pair
     clock = FakeClock()
     bs = BlockingSocket(ours.fileno(), clock=clock)
-    outcome: list[BaseException] = []
 
-    async def reader() -> None:
-        try:
-            await trio.to_thread.run_sync(bs.recv_into, memoryview(bytearray(10)), 1.0)
-        except trio.BrokenResourceError as exc:
-            outcome.append(exc)
+    async def meanwhile(outcome: list[object]) -> None:
+        await clock.reads_at_least(2)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # an RST
 
-    with trio.fail_after(HANG_GUARD_S):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await clock.reads_at_least(2)
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            peer.close()  # an RST
-    assert len(outcome) == 1
-    assert "reset" in str(outcome[0]).lower()
+    got = await in_thread(lambda: bs.recv_into(memoryview(bytearray(10)), 1.0), meanwhile)
+    assert isinstance(got, trio.BrokenResourceError)
+    assert "reset" in str(got).lower()
     bs.close()
 
 
