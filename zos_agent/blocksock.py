@@ -23,11 +23,13 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
 from zos_agent import shardwire as w
+
+T = TypeVar("T")
 
 SLICE_S: Final = 0.1  # longest poll(2) between two cancellation checks
 
@@ -72,19 +74,16 @@ class BlockingSocket:
 
     def recv_into(self, view: memoryview, deadline: float) -> int:
         """Receive into the start of ``view``: how many bytes (0: the peer closed)."""
-        while True:
-            try:
-                return self._sock.recv_into(view)
-            except BlockingIOError:
-                self._wait(self._in, deadline)
-            except OSError as exc:
-                raise _broken(exc) from exc
+        return self._read(lambda: self._sock.recv_into(view), deadline)
 
     def recv(self, n: int, deadline: float) -> bytes:
         """At most ``n`` bytes (``b""``: the peer closed)."""
+        return self._read(lambda: self._sock.recv(n), deadline)
+
+    def _read(self, call: Callable[[], T], deadline: float) -> T:
         while True:
             try:
-                return self._sock.recv(n)
+                return call()
             except BlockingIOError:
                 self._wait(self._in, deadline)
             except OSError as exc:

@@ -978,7 +978,7 @@ class ShardStore:
 
     def can_stream(self) -> bool:
         """Whether a streaming worker thread is free."""
-        return self._stream_workers > 0 and self._streams.available_tokens > 0
+        return self.streams and self._streams.available_tokens > 0
 
     async def stream(self, conn: w.ServerConnection, session: Session,
                      sock: BlockingSocket, idle_timeout_s: float) -> Handback:
@@ -1002,36 +1002,35 @@ class ShardStore:
         # handle() answers it as it answers every request.
         clock = time.monotonic
         turn_ends = clock() + STREAM_TURN_S
-        answered = 0
         while True:
             req = conn.next_request()
             if isinstance(req, w.NeedData):
                 now = clock()
                 if now >= turn_ends:
-                    return Handback(answered=answered)
+                    return Handback(answered=tally[0])
                 try:
                     if (view := conn.payload_view()) is not None:
                         got = sock.recv_into(view, now + self._stream_linger_s)
                         if not got:
-                            return Handback(eof=True, answered=answered)
+                            return Handback(eof=True, answered=tally[0])
                         conn.commit_payload(got)
                     else:
                         data = sock.recv(conn.head_needed, now + self._stream_linger_s)
                         if not data:
-                            return Handback(eof=True, answered=answered)
+                            return Handback(eof=True, answered=tally[0])
                         conn.receive_data(data)
                 except Quiet:
-                    return Handback(answered=answered)
+                    return Handback(answered=tally[0])
                 continue
             answer: w.Accepted | w.Data | bytes | Exception | None
-            if isinstance(req, w.Append) and session.writer is not None:
+            if isinstance(req, w.Append):
                 answer = self._stream_append(req, session)
             elif isinstance(req, w.Get):
                 answer = self._stream_get(req, session)
             else:
                 answer = None
             if not isinstance(answer, w.Accepted | w.Data):
-                return Handback(req=req, outcome=answer, answered=answered)
+                return Handback(req=req, outcome=answer, answered=tally[0])
             head, payload = conn.send_parts(answer)
             try:
                 deadline = clock() + idle_timeout_s
@@ -1040,8 +1039,7 @@ class ShardStore:
                     sock.send_all(payload, deadline)
             except Quiet:
                 raise trio.TooSlowError from None
-            answered += 1
-            tally[0] = answered
+            tally[0] += 1
 
     def _stream_append(self, req: w.Append, session: Session) -> w.Accepted | bytes | Exception:
         """Write an append's data: ``accepted``, the shard hash if that completed the shard,
