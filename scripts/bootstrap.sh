@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make ./.venv a virtualenv with tfgrid installed in editable mode (plus the test tools with
-# EXTRAS=test). Idempotent and quick when nothing changed: pyproject.toml's hash is stamped.
+# EXTRAS=test). Idempotent and quick when nothing changed: the hash of pyproject.toml, setup.py
+# and the C extension's source is stamped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,20 +32,27 @@ done
 if command -v busybox >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
     missing+=(busybox-static)
 fi
+# Building the storage codec's C extension (threebot/storage/_gf.c): a C compiler and the
+# headers of $PYTHON (Debian's python3 has them in python3-dev).
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+has_headers='import sysconfig, os; print(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+[ "$("$PYTHON" -c "$has_headers" 2>/dev/null)" = True ] || missing+=(python3-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bootstrap: apt-get install ${missing[*]}" >&2
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
     else
-        echo "bootstrap: the node agent needs these packages (as root: apt-get install ${missing[*]})" >&2
+        echo "bootstrap: tfgrid needs these packages (as root: apt-get install ${missing[*]})" >&2
     fi
 fi
 
 spec="."
 [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
 stamp="$VENV/.tfgrid-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $spec"
-if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+want="$(cat pyproject.toml setup.py threebot/storage/_gf.c | sha256sum | cut -d' ' -f1) $spec"
+# The built extension lives in the work tree (git ignores it), so check that it is there too.
+if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp" \
+        || ! "$VENV/bin/python" -c 'import threebot.storage._gf' 2>/dev/null; then
     echo "bootstrap: pip install -e '$spec'" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
     echo "$want" >> "$stamp"
