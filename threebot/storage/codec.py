@@ -23,6 +23,7 @@ cryptography 50, PyNaCl 1.6, one core, 1 MiB messages)::
     BLAKE3-256 (blake3 package)           3.4-3.6 GB/s
     zfec 16-of-20 encode, 1 MiB segment   0.45 GB/s  (4 MiB: 0.25; 256 KiB: 0.44)
     zfec decode, 4 primary blocks lost    0.40 GB/s  (4 MiB: 0.23)
+    the same with our _gf kernel          8.5 GB/s GFNI, 5.9 AVX2, 0.4 scalar (1 MiB)
 
 XChaCha20 would cost more than the erasure code itself; AES-256-GCM is ~15x faster and all but
 free next to zfec and the block hashes, so it is the cipher (the issue wins over the design's
@@ -66,6 +67,7 @@ import binascii
 import hashlib
 import math
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,6 +80,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ledger.codec import HASH_SIZE, pack, unpack
 from ledger.errors import MalformedFrame, TfgridError
+from threebot.storage import _gf
 from threebot.storage.errors import (
     AuthenticationFailed,
     BadCapability,
@@ -112,6 +115,7 @@ _MANIFEST_AAD = b"tfgrid/storage/manifest/v1"
 _LEAF = b"\x00"
 _NODE = b"\x01"
 _PAD_HASH = b"\x00" * HASH_SIZE
+_DECODE_ROWS_CACHED = 32  # decode matrices kept per ErasureCoder (one per set of blocks used)
 
 # A block or segment in flight: bytes, or a view into a bigger buffer (never copied to slice).
 Block = bytes | memoryview
@@ -406,7 +410,8 @@ class ErasureCoder:
     """zfec ``k``-of-``n`` over byte strings of a known length (the one wrapper of zfec).
 
     zfec's encoder and decoder keep only read-only tables after construction and release the
-    GIL while coding, so one instance may be used from several worker threads at once.
+    GIL while coding, as does :mod:`threebot.storage._gf`; the cache of decode matrices is
+    guarded by a lock. So one instance may be used from several worker threads at once.
     """
 
     def __init__(self, k: int, n: int) -> None:
@@ -415,6 +420,8 @@ class ErasureCoder:
         self.n = n
         self._encoder = zfec.Encoder(k, n)
         self._decoder = zfec.Decoder(k, n)
+        self._rows: dict[tuple[int, ...], bytes] = {}  # _decode_rows' cache, oldest first
+        self._rows_lock = threading.Lock()
 
     def _primary(self, data: Block) -> tuple[Block, ...]:
         size = -(-len(data) // self.k) if data else 1
@@ -435,24 +442,56 @@ class ErasureCoder:
                 raise BadParameters(f"block number {i} outside 0..{self.n - 1}")
         return list(self._encoder.encode(self._primary(data), tuple(wanted)))
 
-    def decode(self, blocks: Mapping[int, Block], length: int) -> bytes:
+    def decode(self, blocks: Mapping[int, Block], length: int) -> Block:
         """The ``length`` bytes that the blocks came from; any ``k`` distinct blocks will do.
+
+        With every primary block at hand they are joined into ``bytes``. Otherwise the missing
+        primaries are rebuilt by :mod:`threebot.storage._gf` straight into one buffer for the
+        whole segment, and a memoryview of its first ``length`` bytes is returned (no copy).
 
         Raises :class:`NotEnoughShards` with fewer than ``k`` blocks and
         :class:`CorruptRecord` when block sizes disagree with ``length``.
         """
-        size = -(-length // self.k) if length else 1
+        k = self.k
+        size = -(-length // k) if length else 1
         usable = sorted(i for i in blocks if 0 <= i < self.n)
-        if len(usable) < self.k:
-            raise NotEnoughShards("shards", self.k, len(usable))
-        # Primary blocks first: when all are present zfec just concatenates them.
-        chosen = usable[: self.k]
+        if len(usable) < k:
+            raise NotEnoughShards("shards", k, len(usable))
+        # Primary blocks first: a present primary is its own slice of the data.
+        chosen = tuple(usable[:k])
         for i in chosen:
             if len(blocks[i]) != size:
                 raise CorruptRecord(f"block {i} is {len(blocks[i])} bytes, expected {size}")
-        parts = self._decoder.decode(tuple(blocks[i] for i in chosen), tuple(chosen))
-        joined = b"".join(parts)
-        return joined if len(joined) == length else joined[:length]
+        if chosen[-1] < k:
+            joined = b"".join(blocks[i] for i in chosen)
+            return joined if len(joined) == length else joined[:length]
+        present = set(chosen)
+        missing = [i for i in range(k) if i not in present]
+        zeros = bytes(size)
+        # One pass writes the present primaries into place; _gf overwrites the zeros.
+        whole = bytearray().join(blocks[i] if i in present else zeros for i in range(k))
+        view = memoryview(whole)
+        _gf.combine(
+            self._decode_rows(chosen, missing),
+            [blocks[i] for i in chosen],
+            [view[i * size:(i + 1) * size] for i in missing],
+        )
+        return view[:length]
+
+    def _decode_rows(self, chosen: tuple[int, ...], missing: Sequence[int]) -> bytes:
+        """Rows ``missing`` of the decode matrix for blocks ``chosen`` (cached), asked of zfec:
+        decoding is linear, so with block ``chosen[j]`` set to the unit vector e_j the
+        rebuilt primary ``i`` is row ``i`` of the matrix."""
+        with self._rows_lock:
+            rows = self._rows.get(chosen)
+            if rows is None:
+                units = tuple(bytes(j) + b"\x01" + bytes(self.k - j - 1) for j in range(self.k))
+                rebuilt = self._decoder.decode(units, chosen)
+                rows = b"".join(bytes(rebuilt[i]) for i in missing)
+                if len(self._rows) >= _DECODE_ROWS_CACHED:
+                    del self._rows[next(iter(self._rows))]
+                self._rows[chosen] = rows
+            return rows
 
 
 # -- Merkle trees ----------------------------------------------------------------------------
