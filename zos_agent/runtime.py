@@ -178,7 +178,18 @@ class Runtime:
             raise RuntimeFailure(f"runc state {workload_id}: unparsable output") from exc
         return state if isinstance(state, dict) else None
 
+    def _runc_knows_none(self) -> bool:
+        """Whether runc's root holds no container (runc keeps one directory per container
+        there): then ``runc list`` need not run. Full reconcile passes list every few
+        seconds, and a node with only storage namespaces has no container at all."""
+        try:
+            return not any(p.is_dir() for p in self.runc_root.iterdir())
+        except FileNotFoundError:
+            return True
+
     async def _runc_list(self) -> list[dict[str, Any]]:
+        if self._runc_knows_none():
+            return []
         proc = await self._runc("list", "--format", "json")
         try:
             items = json.loads(proc.stdout or b"null")
