@@ -11,18 +11,22 @@ import errno
 import hashlib
 import os
 import random
+import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import hypothesis
 import pytest
 import trio
+from hypothesis import strategies as st
 
 from ledger import keys
 from threebot.storage import codec as c
 from threebot.storage.client import Settings, StorageClient
 from threebot.storage.errors import (
     BadCapability,
+    BadParameters,
     NotEnoughShards,
     PlacementError,
     StorageError,
@@ -478,3 +482,106 @@ def test_sizes_of_test_params() -> None:
     assert PARAMS.segment_count(150_000) == 37
     assert PARAMS.page_count(150_000) == 5
     assert os.path.sep == "/"
+
+
+# -- every window / pipeline / geometry makes progress -----------------------------------------
+#
+# A reader asks for ``chunk`` bytes only when they fit in the window (``window`` segments past
+# the consumer), and the consumer moves on only when a segment's blocks are whole. The cases
+# pin how ``chunk`` falls against the block size: the whole window, whole blocks under it,
+# capped by MAX_CHUNK just short of the window (the devnet hang: 1 MiB segments at k=16 give
+# blocks of 65537 bytes, so window 16 and pipeline 1 asked for 1 MiB, 16 bytes short of 16
+# blocks; it stalled once the object was longer than two windows), blocks longer than
+# MAX_CHUNK, and sizes around segments and pages (empty, one segment, one page, a page and a
+# segment, a short last segment). No spare readers (spare_after_s beyond the deadline): the
+# ``k`` readers must make progress on their own, a spare would only hide a stall.
+
+MAX = w.MAX_CHUNK
+# one block of 65537 bytes per segment and shard: the devnet geometry (1 MiB segments, k=16)
+DEVNET_LIKE = c.Params(k=1, n=2, segment_size=MAX // 16 - c.TAG_SIZE + 1, leaves_per_page=8)
+WIDE = c.Params(k=2, n=3, segment_size=MAX // 8, leaves_per_page=3)  # blocks of 65544 bytes
+ALIGNED = c.Params(k=1, n=2, segment_size=MAX // 16 - c.TAG_SIZE, leaves_per_page=8)  # 65536
+HUGE = c.Params(k=1, n=2, segment_size=MAX + 1000, leaves_per_page=2)  # blocks > MAX_CHUNK
+SMALL = c.Params(k=4, n=6, segment_size=1024, leaves_per_page=8)  # blocks of 260 bytes
+SEG = SMALL.segment_size
+PAGE = SMALL.leaves_per_page * SEG
+
+FETCH_CASES = [
+    # (params, window, pipeline, size)
+    pytest.param(DEVNET_LIKE, 16, 1, 40 * DEVNET_LIKE.segment_size + 123, id="devnet-w16-p1"),
+    pytest.param(DEVNET_LIKE, 16, 1, 33 * DEVNET_LIKE.segment_size, id="devnet-w16-p1-33seg"),
+    pytest.param(DEVNET_LIKE, 16, 2, 40 * DEVNET_LIKE.segment_size + 123, id="devnet-w16-p2"),
+    pytest.param(DEVNET_LIKE, 16, 3, 40 * DEVNET_LIKE.segment_size + 5, id="devnet-w16-p3"),
+    pytest.param(DEVNET_LIKE, 17, 1, 40 * DEVNET_LIKE.segment_size + 5, id="devnet-w17-p1"),
+    pytest.param(DEVNET_LIKE, 20, 1, 50 * DEVNET_LIKE.segment_size - 1, id="devnet-w20-p1"),
+    pytest.param(WIDE, 16, 1, 34 * WIDE.segment_size + 1000, id="wide-w16-p1"),
+    pytest.param(WIDE, 12, 1, 30 * WIDE.segment_size - 1, id="wide-w12-p1-chunk-is-window"),
+    pytest.param(WIDE, 12, 2, 30 * WIDE.segment_size - 1, id="wide-w12-p2"),
+    pytest.param(ALIGNED, 16, 1, 40 * ALIGNED.segment_size + 7, id="aligned-w16-p1"),
+    pytest.param(ALIGNED, 20, 1, 48 * ALIGNED.segment_size, id="aligned-w20-p1"),
+    pytest.param(HUGE, 1, 1, 3 * HUGE.segment_size + 10, id="huge-blocks-w1-p1"),
+    pytest.param(HUGE, 2, 2, 3 * HUGE.segment_size, id="huge-blocks-w2-p2"),
+    pytest.param(SMALL, 4, 1, 60 * SEG + 5, id="small-w4-p1-chunk-is-window"),
+    pytest.param(SMALL, 1, 1, 30 * SEG, id="small-w1-p1"),
+    pytest.param(SMALL, 1, 2, 20 * SEG + 1, id="small-w1-p2-window-under-pipeline"),
+    pytest.param(SMALL, 3, 2, 50 * SEG + 100, id="small-w3-p2-chunk-not-blocks"),
+    pytest.param(SMALL, 4, 1, 0, id="small-empty"),
+    pytest.param(SMALL, 4, 1, SEG, id="small-one-segment"),
+    pytest.param(SMALL, 4, 1, PAGE, id="small-one-page"),
+    pytest.param(SMALL, 4, 1, PAGE + SEG, id="small-page-plus-one"),
+    pytest.param(SMALL, 16, 1, PAGE + SEG - 1, id="small-w16-short-last"),
+    pytest.param(SMALL, 100, 4, 3 * PAGE + 1, id="small-window-past-end"),
+]
+
+
+def fetch_settings(params: c.Params, window: int, pipeline: int) -> Settings:
+    return Settings(params=params, window=window, pipeline=pipeline, spare_after_s=60.0,
+                    request_timeout_s=5.0, connect_timeout_s=2.0, namespace_timeout_s=5.0,
+                    namespace_poll_s=0.01, min_quota=1 << 20)
+
+
+async def round_trip(tmp: Path, params: c.Params, window: int, pipeline: int, size: int,
+                     seed: int = 0) -> None:
+    """Put ``size`` bytes with ``params``, get them back with ``window`` and ``pipeline`` and
+    compare; a stall fails (trio.TooSlowError) instead of hanging."""
+    data = write_file(tmp / "in.bin", size, seed=seed)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _grid, client = await make_env(tmp, nursery, count=params.n,
+                                           settings=fetch_settings(params, window, pipeline))
+            res = await client.put(tmp / "in.bin")
+            assert await client.get(res.cap, tmp / "out.bin") == size
+            nursery.cancel_scope.cancel()
+    assert (tmp / "out.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(("params", "window", "pipeline", "size"), FETCH_CASES)
+async def test_get_makes_progress_with_any_window_and_pipeline(
+        tmp_path: Path, params: c.Params, window: int, pipeline: int, size: int) -> None:
+    await round_trip(tmp_path, params, window, pipeline, size, seed=size)
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, True])
+def test_window_without_a_segment_is_refused(window: int) -> None:
+    with pytest.raises(BadParameters, match="window must be"):
+        Settings(window=window)
+
+
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.given(window=st.integers(2, 24), pipeline=st.integers(1, 4), k=st.integers(1, 2),
+                  off=st.integers(-24, 24), segments=st.integers(1, 52),
+                  tail=st.integers(0, 1 << 20), leaves_per_page=st.integers(1, 9))
+@hypothesis.example(window=16, pipeline=1, k=1, off=1, segments=40, tail=0, leaves_per_page=8)
+@hypothesis.example(window=20, pipeline=1, k=2, off=3, segments=42, tail=406, leaves_per_page=3)
+async def test_get_makes_progress_any_geometry(window: int, pipeline: int, k: int, off: int,
+                                               segments: int, tail: int,
+                                               leaves_per_page: int) -> None:
+    # Blocks within a few bytes of MAX_CHUNK / window: a chunk capped by MAX_CHUNK falls just
+    # short of, on, or just past the window's end (the first example is the devnet hang).
+    block = max(c.TAG_SIZE + 1, MAX // window + off)
+    params = c.Params(k=k, n=k, segment_size=block * k - c.TAG_SIZE, leaves_per_page=leaves_per_page)
+    segments = min(segments, 2 * window + 4)  # past two windows (where it stalled), no more
+    size = max(0, (segments - 1) * params.segment_size + tail % (params.segment_size + 1))
+    assert params.block_size(max(size, params.segment_size), 0) == block
+    with tempfile.TemporaryDirectory() as tmp:
+        await round_trip(Path(tmp), params, window, pipeline, size)

@@ -58,6 +58,7 @@ from ledger.errors import TfgridError
 from threebot.storage import codec as c
 from threebot.storage.errors import (
     BadCapability,
+    BadParameters,
     CorruptRecord,
     NamespaceError,
     NotEnoughShards,
@@ -99,6 +100,11 @@ class Settings:
     namespace_poll_s: float = 0.5
     min_quota: int = GIB  # a new namespace reserves at least this much
     straggler_s: float = 2.0  # how long slow nodes get once enough others answered
+
+    def __post_init__(self) -> None:
+        # A get reads only within the window: with no segment in it, no reader may ever ask.
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise BadParameters(f"window must be a whole number of segments >= 1, got {self.window!r}")
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -299,7 +305,18 @@ class _Fetch:
         settings = self._client.settings
         depth = max(1, settings.pipeline)
         bs = self._p.block_size(size, 0)
-        chunk = max(bs, min(w.MAX_CHUNK, settings.window * bs // depth))
+        # Requests cover whole blocks (a block longer than MAX_CHUNK: pieces that never cross
+        # its end). Then the reader the consumer waits on, nothing in flight, has asked for
+        # nothing past the start of the block it lacks, so the whole window is its room and its
+        # next request fits: every window, pipeline and block size makes progress. A chunk
+        # that ends inside a block stalls: 1 MiB segments at k=16 make 65537-byte blocks, and
+        # window 16 with pipeline 1 asked for MAX_CHUNK (1 MiB), 16 bytes short of block 16,
+        # whose segment then waited for room that only its own completion could make.
+        if bs <= w.MAX_CHUNK:
+            chunk = max(1, min(w.MAX_CHUNK, settings.window * bs // depth) // bs) * bs
+            split = 0
+        else:
+            chunk, split = w.MAX_CHUNK, bs
         end = self._p.block_offset(size, self._stop - 1) + self._p.block_size(size, self._stop - 1)
         pages: dict[int, list[bytes]] = {}  # the last page's leaves, for a reader that jumps
         inflight: deque[tuple[int, int]] = deque()  # ranges asked for, not yet received
@@ -340,6 +357,8 @@ class _Fetch:
                     horizon = min(self._stop, self.position + settings.window)
                     room = self._p.block_offset(size, horizon) - reader.requested_to
                     want = min(chunk, end - reader.requested_to)
+                    if split:
+                        want = min(want, split - reader.requested_to % split)
                     if len(inflight) < depth and want > 0 and room >= want:
                         rng = reader.next_range(want)
                         if rng is not None:
