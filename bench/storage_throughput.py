@@ -92,6 +92,7 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
     async def run() -> None:
         async with open_storage(home, settings) as storage:
             cpu0 = time.process_time()
+            out["t0_monotonic"] = time.monotonic()  # for `perf report --time` (perf -k mono)
             t0 = time.perf_counter()
             if op == "put":
                 res = await storage.put(Path(args[0]), name=Path(args[0]).name)
@@ -127,6 +128,7 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
             else:
                 raise SystemExit(f"unknown op {op}")
             out["seconds"] = time.perf_counter() - t0
+            out["t1_monotonic"] = time.monotonic()
             out["op_cpu_s"] = time.process_time() - cpu0
 
     trio.run(run)
