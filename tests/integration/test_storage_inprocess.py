@@ -34,6 +34,7 @@ from threebot.storage.errors import (
 from threebot.storage.grid import NamespaceView, NodeView
 from threebot.storage.index import LocalIndex
 from threebot.storage.outfile import OutputFile
+from threebot.storage.shardclient import ShardConnection
 from zos_agent import shardstore
 from zos_agent import shardwire as w
 
@@ -585,3 +586,50 @@ async def test_get_makes_progress_any_geometry(window: int, pipeline: int, k: in
     assert params.block_size(max(size, params.segment_size), 0) == block
     with tempfile.TemporaryDirectory() as tmp:
         await round_trip(Path(tmp), params, window, pipeline, size)
+
+
+@pytest.mark.parametrize(("window", "pipeline", "aligned"),
+                         [(16, 2, True), (16, 1, True), (16, 4, True), (4, 1, False)])
+async def test_get_requests_end_on_store_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                window: int, pipeline: int, aligned: bool) -> None:
+    """With a block to spare in the window, a get's requests end on the store's BLOCK_SIZE
+    boundaries (or at the shard's end), so the store reads and hashes each of its blocks once;
+    without one (a chunk of the whole window) they stay whole client blocks."""
+    params = DEVNET_LIKE  # 65537-byte blocks: whole blocks never end on a store block
+    size = 40 * params.segment_size + 123
+    gets: list[tuple[bytes, int, int]] = []
+    real_send = ShardConnection.send_request
+
+    async def send_request(self: ShardConnection, req: w.Request) -> None:
+        if isinstance(req, w.Get):
+            gets.append((req.shard_id, req.offset, req.length))
+        await real_send(self, req)
+
+    data = write_file(tmp_path / "in.bin", size)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _grid, client = await make_env(tmp_path, nursery, count=params.n,
+                                           settings=fetch_settings(params, window, pipeline))
+            res = await client.put(tmp_path / "in.bin")
+            monkeypatch.setattr(ShardConnection, "send_request", send_request)
+            assert await client.get(res.cap, tmp_path / "out.bin") == size
+            nursery.cancel_scope.cancel()
+    assert (tmp_path / "out.bin").read_bytes() == data
+    # The shard read (k=1): the id asked for many times (the manifest and each hash page are
+    # one small get each).
+    counts: dict[bytes, int] = {}
+    for sid, _, _ in gets:
+        counts[sid] = counts.get(sid, 0) + 1
+    shard = max(counts, key=lambda sid: counts[sid])
+    asked = [(offset, length) for sid, offset, length in gets if sid == shard]
+    shard_end = params.block_offset(size, params.segment_count(size) - 1) + params.block_size(
+        size, params.segment_count(size) - 1)
+    ends = [offset + length for offset, length in asked]
+    assert ends[-1] == shard_end
+    assert len(ends) > 3
+    on_blocks = [e % w.BLOCK_SIZE == 0 for e in ends[:-1]]
+    assert all(on_blocks) if aligned else not any(on_blocks)
+    # Store blocks read: each once when aligned (touched ranges do not overlap).
+    touched = sum((o + n - 1) // w.BLOCK_SIZE - o // w.BLOCK_SIZE + 1 for o, n in asked)
+    blocks = -(-shard_end // w.BLOCK_SIZE)
+    assert (touched == blocks) if aligned else (touched > blocks)

@@ -317,6 +317,13 @@ class _Fetch:
             split = 0
         else:
             chunk, split = w.MAX_CHUNK, bs
+        # The store reads every BLOCK_SIZE (256 KiB) block a get touches from disk and checks
+        # it against its hash, so a range that ends inside one of those costs it that block
+        # twice (for this request and the next): 768 KiB read and hashed per 512 KiB asked
+        # for, with 65537-byte blocks. Requests therefore end on a store block boundary,
+        # rounded down, when the window has a block to spare beyond a chunk: a reader stopped
+        # inside a block then still has room for its next request.
+        align = w.BLOCK_SIZE if not split and chunk + bs <= settings.window * bs else 0
         end = self._p.block_offset(size, self._stop - 1) + self._p.block_size(size, self._stop - 1)
         pages: dict[int, list[bytes]] = {}  # the last page's leaves, for a reader that jumps
         inflight: deque[tuple[int, int]] = deque()  # ranges asked for, not yet received
@@ -359,6 +366,10 @@ class _Fetch:
                     want = min(chunk, end - reader.requested_to)
                     if split:
                         want = min(want, split - reader.requested_to % split)
+                    elif align and reader.requested_to + want < end:
+                        cut = (reader.requested_to + want) // align * align
+                        if cut > reader.requested_to:
+                            want = cut - reader.requested_to
                     if len(inflight) < depth and want > 0 and room >= want:
                         rng = reader.next_range(want)
                         if rng is not None:
