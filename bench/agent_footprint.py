@@ -48,8 +48,9 @@ def tfgrid(home: Path, *args: str) -> Any:
 
 
 def cpu_seconds(p: psutil.Process) -> float:
+    """CPU time of ``p`` and of the children it has waited for (an agent's runc runs)."""
     t = p.cpu_times()
-    return float(t.user + t.system)
+    return float(t.user + t.system + t.children_user + t.children_system)
 
 
 def memory(p: psutil.Process) -> tuple[int, int]:
