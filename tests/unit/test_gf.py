@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 import zfec
@@ -299,3 +301,13 @@ def test_decode_rows_computed_once_per_block_set() -> None:
     for subset in [(1, 2, 3, 4), (0, 2, 5, 6), (1, 2, 3, 4), (0, 1, 2, 3), (0, 2, 5, 6)] * 3:
         assert coder.decode({i: blocks[i] for i in subset}, len(payload)) == payload
     assert probes == [(1, 2, 3, 4), (0, 2, 5, 6)]
+
+
+def test_a_missing_extension_is_named() -> None:
+    """Without the built extension the codec says what to run, not just 'No module named'."""
+    code = ("import sys; sys.modules['threebot.storage._gf'] = None\n"
+            "import threebot.storage.codec")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], check=False)
+    assert proc.returncode != 0
+    assert "C extension, is not built: run ./scripts/bootstrap.sh" in proc.stderr

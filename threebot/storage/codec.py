@@ -80,7 +80,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ledger.codec import HASH_SIZE, pack, unpack
 from ledger.errors import MalformedFrame, TfgridError
-from threebot.storage import _gf
 from threebot.storage.errors import (
     AuthenticationFailed,
     BadCapability,
@@ -89,6 +88,13 @@ from threebot.storage.errors import (
     CorruptRecord,
     NotEnoughShards,
 )
+
+try:
+    from threebot.storage import _gf
+except ImportError as exc:  # a checkout whose C extension was never built (or is stale)
+    raise ImportError(
+        "threebot.storage._gf, the storage codec's C extension, is not built: run "
+        "./scripts/bootstrap.sh (or pip install -e .) in the tfgrid checkout") from exc
 
 FORMAT_VERSION = 2
 CIPHER_ID = "aes-256-gcm"
