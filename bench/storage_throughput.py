@@ -241,6 +241,9 @@ def peak_rss_mib(p: psutil.Process) -> float:
 
 
 def make_file(path: Path, size: int) -> str:
+    """A file of ``size`` random bytes, on disk (fsync'ed), so that the kernel does not write
+    it back about 30 s later (its dirty_expire), during a measured operation whose shard
+    stores would share the disk with that. Returns its sha256."""
     h = hashlib.sha256()
     with open(path, "wb") as f:
         left = size
@@ -249,6 +252,8 @@ def make_file(path: Path, size: int) -> str:
             h.update(chunk)
             f.write(chunk)
             left -= len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -342,7 +347,7 @@ def main() -> None:
     big, small = data / "big.bin", data / "repair.bin"
     big_hash = make_file(big, size)
     make_file(small, rsize)
-    (data / "warm.bin").write_bytes(os.urandom(MIB))
+    make_file(data / "warm.bin", MIB)
 
     runs = max(1, opts.runs)
 
