@@ -90,7 +90,7 @@ class Settings:
     """Tunables of the client (defaults fit the design; tests shrink them)."""
 
     params: c.Params = field(default_factory=c.Params)
-    window: int = 16  # segments in flight between the readers and the decoder
+    window: int = 32  # segments in flight between the readers and the decoder
     pipeline: int = 2  # requests in flight per shard connection (the store answers in order)
     spare_after_s: float = 1.0  # a get starts a spare shard when a segment waits this long
     workers: int = 2  # threads coding segments (zfec and hashing release the GIL)
@@ -312,18 +312,22 @@ class _Fetch:
         # that ends inside a block stalls: 1 MiB segments at k=16 make 65537-byte blocks, and
         # window 16 with pipeline 1 asked for MAX_CHUNK (1 MiB), 16 bytes short of block 16,
         # whose segment then waited for room that only its own completion could make.
+        span = min(w.MAX_CHUNK, settings.window * bs // depth)
         if bs <= w.MAX_CHUNK:
-            chunk = max(1, min(w.MAX_CHUNK, settings.window * bs // depth) // bs) * bs
+            chunk = max(1, span // bs) * bs
             split = 0
         else:
             chunk, split = w.MAX_CHUNK, bs
         # The store reads every BLOCK_SIZE (256 KiB) block a get touches from disk and checks
         # it against its hash, so a range that ends inside one of those costs it that block
         # twice (for this request and the next): 768 KiB read and hashed per 512 KiB asked
-        # for, with 65537-byte blocks. Requests therefore end on a store block boundary,
-        # rounded down, when the window has a block to spare beyond a chunk: a reader stopped
-        # inside a block then still has room for its next request.
-        align = w.BLOCK_SIZE if not split and chunk + bs <= settings.window * bs else 0
+        # for, with 65537-byte blocks. Requests are therefore whole store blocks (the last one
+        # up to the end), when the window has a client block to spare beyond such a chunk: a
+        # reader stopped inside a block then still has room for its next request.
+        align = 0
+        stored = min(span, (settings.window - 1) * bs) // w.BLOCK_SIZE * w.BLOCK_SIZE
+        if not split and stored:
+            chunk, align = stored, w.BLOCK_SIZE
         end = self._p.block_offset(size, self._stop - 1) + self._p.block_size(size, self._stop - 1)
         pages: dict[int, list[bytes]] = {}  # the last page's leaves, for a reader that jumps
         inflight: deque[tuple[int, int]] = deque()  # ranges asked for, not yet received
