@@ -261,6 +261,52 @@ def _plain_errors() -> Iterator[None]:
 # -- the segment fetcher ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _RequestSizes:
+    """How much a get's reader asks a store for at a time.
+
+    Requests cover whole blocks (a block longer than MAX_CHUNK: pieces that never cross its
+    end). Then the reader the consumer waits on, nothing in flight, has asked for nothing past
+    the start of the block it lacks, so the whole window is its room and its next request
+    fits: every window, pipeline and block size makes progress. A chunk that ends inside a
+    block stalls: 1 MiB segments at k=16 make 65537-byte blocks, and window 16 with pipeline 1
+    asked for MAX_CHUNK (1 MiB), 16 bytes short of block 16, whose segment then waited for
+    room that only its own completion could make.
+
+    The store reads every BLOCK_SIZE (256 KiB) block a get touches from disk and checks it
+    against its hash, so a range that ends inside one of those costs it that block twice (for
+    this request and the next): 768 KiB read and hashed per 512 KiB asked for, with 65537-byte
+    blocks. Requests are therefore whole store blocks (the last one up to the end), when the
+    window has a client block to spare beyond such a chunk: a reader stopped inside a block
+    then still has room for its next request.
+    """
+
+    chunk: int
+    split: int = 0  # blocks longer than MAX_CHUNK: requests never cross one's end
+    align: int = 0  # requests end on multiples of this (the store's block size)
+
+    @classmethod
+    def of(cls, block: int, window: int, depth: int) -> _RequestSizes:
+        span = min(w.MAX_CHUNK, window * block // depth)
+        if block > w.MAX_CHUNK:
+            return cls(w.MAX_CHUNK, split=block)
+        stored = min(span, (window - 1) * block) // w.BLOCK_SIZE * w.BLOCK_SIZE
+        if stored:
+            return cls(stored, align=w.BLOCK_SIZE)
+        return cls(max(1, span // block) * block)
+
+    def next(self, requested_to: int, end: int) -> int:
+        """Bytes to ask for from ``requested_to`` (0: nothing left before ``end``)."""
+        want = min(self.chunk, end - requested_to)
+        if self.split:
+            return min(want, self.split - requested_to % self.split)
+        if self.align and requested_to + want < end:
+            cut = (requested_to + want) // self.align * self.align
+            if cut > requested_to:
+                return cut - requested_to
+        return want
+
+
 class _Fetch:
     """Reads shards in parallel and hands out segments as soon as ``k`` verified blocks of each
     are in. Readers stay within ``window`` segments of the consumer; one that lags jumps ahead;
@@ -304,30 +350,7 @@ class _Fetch:
         size = self._m.size
         settings = self._client.settings
         depth = max(1, settings.pipeline)
-        bs = self._p.block_size(size, 0)
-        # Requests cover whole blocks (a block longer than MAX_CHUNK: pieces that never cross
-        # its end). Then the reader the consumer waits on, nothing in flight, has asked for
-        # nothing past the start of the block it lacks, so the whole window is its room and its
-        # next request fits: every window, pipeline and block size makes progress. A chunk
-        # that ends inside a block stalls: 1 MiB segments at k=16 make 65537-byte blocks, and
-        # window 16 with pipeline 1 asked for MAX_CHUNK (1 MiB), 16 bytes short of block 16,
-        # whose segment then waited for room that only its own completion could make.
-        span = min(w.MAX_CHUNK, settings.window * bs // depth)
-        if bs <= w.MAX_CHUNK:
-            chunk = max(1, span // bs) * bs
-            split = 0
-        else:
-            chunk, split = w.MAX_CHUNK, bs
-        # The store reads every BLOCK_SIZE (256 KiB) block a get touches from disk and checks
-        # it against its hash, so a range that ends inside one of those costs it that block
-        # twice (for this request and the next): 768 KiB read and hashed per 512 KiB asked
-        # for, with 65537-byte blocks. Requests are therefore whole store blocks (the last one
-        # up to the end), when the window has a client block to spare beyond such a chunk: a
-        # reader stopped inside a block then still has room for its next request.
-        align = 0
-        stored = min(span, (settings.window - 1) * bs) // w.BLOCK_SIZE * w.BLOCK_SIZE
-        if not split and stored:
-            chunk, align = stored, w.BLOCK_SIZE
+        sizes = _RequestSizes.of(self._p.block_size(size, 0), settings.window, depth)
         end = self._p.block_offset(size, self._stop - 1) + self._p.block_size(size, self._stop - 1)
         pages: dict[int, list[bytes]] = {}  # the last page's leaves, for a reader that jumps
         inflight: deque[tuple[int, int]] = deque()  # ranges asked for, not yet received
@@ -367,13 +390,7 @@ class _Fetch:
                         continue
                     horizon = min(self._stop, self.position + settings.window)
                     room = self._p.block_offset(size, horizon) - reader.requested_to
-                    want = min(chunk, end - reader.requested_to)
-                    if split:
-                        want = min(want, split - reader.requested_to % split)
-                    elif align and reader.requested_to + want < end:
-                        cut = (reader.requested_to + want) // align * align
-                        if cut > reader.requested_to:
-                            want = cut - reader.requested_to
+                    want = sizes.next(reader.requested_to, end)
                     if len(inflight) < depth and want > 0 and room >= want:
                         rng = reader.next_range(want)
                         if rng is not None:
