@@ -20,6 +20,12 @@ process, with one thread and with as many worker threads as the client uses (the
 counts). It is measured once before the devnet starts (printed for reference) and then right
 before each put, with the devnet up and idle, as the put and get run. MB is 10^6 bytes.
 
+The client computes zfec's parity with its own GF(2^8) kernel (the same bytes, about 25x
+faster than zfec's encoder here), so the raw pipeline is measured twice: with zfec's encoder,
+as the issue defines it and judges the goals against, and with the client's coder, printed
+next to it with the put's and get's ratios to it (no goal) so that neither figure hides the
+other.
+
 The figures for Tahoe-LAFS that the goals refer to are quoted, not measured (Tahoe is not
 installed here): 21-33 MB/s up, 8 MB/s down over HTTP and 19 over Foolscap, 64 MiB repaired
 in about 9 s after losing 4 nodes, about 100 MiB RSS per storage node.
@@ -163,17 +169,41 @@ def run_child(op: str, home: Path, *args: str) -> dict[str, Any]:
 # -- the raw pipeline ------------------------------------------------------------------------------
 
 
-def raw_pipeline(path: Path, workers: int) -> tuple[float, float]:
-    """Seconds and CPU-seconds to read, encrypt, zfec-encode and hash ``path`` with the
+def zfec_coder(k: int, n: int) -> Any:
+    """The issue's raw pipeline codes with zfec's own encoder: an ErasureCoder whose encode is
+    zfec's (the client computes the same parity with its _gf kernel)."""
+    import zfec
+
+    from threebot.storage import codec as c
+
+    class ZfecCoder(c.ErasureCoder):
+        def __init__(self) -> None:
+            super().__init__(k, n)
+            self._zfec = zfec.Encoder(k, n)
+
+        def encode(self, data: c.Block) -> list[c.Block]:
+            size = -(-len(data) // k) if data else 1
+            if size * k != len(data):
+                data = bytes(data) + bytes(size * k - len(data))
+            view = memoryview(data)
+            return list(self._zfec.encode([view[i * size:(i + 1) * size] for i in range(k)]))
+
+    return ZfecCoder()
+
+
+def raw_pipeline(path: Path, workers: int, coder_name: str = "zfec") -> tuple[float, float]:
+    """Seconds and CPU-seconds to read, encrypt, erasure-code and hash ``path`` with the
     client's codec, with ``workers`` threads coding segments (hash pages made in order, as the
-    client does)."""
+    client does). ``coder_name`` "zfec": the parity by zfec's encoder (the issue's raw
+    pipeline, the ceiling its goals name); "client": by the client's own coder (the same
+    bytes, from the _gf kernel)."""
     from threebot.storage import codec as c
 
     p = c.Params()
     size = path.stat().st_size
     count = p.segment_count(size)
     cipher = c.SegmentCipher(os.urandom(c.KEY_SIZE), count)
-    coder = c.ErasureCoder(p.k, p.n)
+    coder = zfec_coder(p.k, p.n) if coder_name == "zfec" else c.ErasureCoder(p.k, p.n)
     hasher = c.ShardHasher(p, size)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -352,16 +382,25 @@ def main() -> None:
     runs = max(1, opts.runs)
 
     raw_cpus: list[float] = []
+    own_raws: list[float] = []
 
     def raw_once(label: str) -> float:
-        (raw1, cpu1), (rawn, cpun) = raw_pipeline(big, 1), raw_pipeline(big, workers)
-        print(f"raw pipeline{label}: {size / MB / raw1:.1f} MB/s (1 thread), "
-              f"{size / MB / rawn:.1f} MB/s ({workers} threads); {cpu1:.2f} and {cpun:.2f} CPU-s",
-              flush=True)
-        raw_cpus.append(cpun)
-        return size / MB / min(raw1, rawn)
+        """The issue's raw pipeline (zfec encode), then the same with the client's coder;
+        returns the first, keeps the second in ``own_raws``."""
+        figures = []
+        for coder_name, what in (("zfec", "zfec encode"), ("client", "client's _gf encode")):
+            (raw1, cpu1), (rawn, cpun) = (raw_pipeline(big, 1, coder_name),
+                                          raw_pipeline(big, workers, coder_name))
+            print(f"raw pipeline{label}, {what}: {size / MB / raw1:.1f} MB/s (1 thread), "
+                  f"{size / MB / rawn:.1f} MB/s ({workers} threads); {cpu1:.2f} and "
+                  f"{cpun:.2f} CPU-s", flush=True)
+            figures.append((size / MB / min(raw1, rawn), cpun))
+        raw_cpus.append(figures[0][1])
+        own_raws.append(figures[1][0])
+        return figures[0][0]
 
     idle_raw = raw_once(" (before the devnet starts)")
+    own_raws.clear()
 
     t0 = time.perf_counter()
     up = tfgrid(home, "devnet", "up", "--nodes", str(opts.nodes), "--farms", str(opts.farms),
@@ -438,7 +477,7 @@ def main() -> None:
         stores = shard_stores(tfgrid(home, "devnet", "status"))
         peaks = [peak_rss_mib(p) for p in stores]
         now = [p.memory_info().rss / MIB for p in stores]
-        results = {"raw": raws, "idle_raw": idle_raw,
+        results = {"raw": raws, "idle_raw": idle_raw, "own_raw": own_raws,
                    "raw_cpu": statistics.median(raw_cpus[1:] or raw_cpus),
                    "put_cpu": statistics.median(x["op_cpu_s"] for x in puts),
                    "put_store_cpu": statistics.median(x["stores_cpu_s"] for x in puts),
@@ -463,6 +502,9 @@ def main() -> None:
     # medians of these ratios.
     put_ratio = statistics.median(p / q for p, q in zip(r["put"], r["raw"], strict=True))
     get_ratio = statistics.median(g / q for g, q in zip(r["get"], r["raw"], strict=True))
+    own_raw = statistics.median(r["own_raw"])
+    own_put = statistics.median(p / q for p, q in zip(r["put"], r["own_raw"], strict=True))
+    own_get = statistics.median(g / q for g, q in zip(r["get"], r["own_raw"], strict=True))
 
     def spread(key: str) -> str:
         return "" if len(r[key]) < 2 else f" [{min(r[key]):.0f}-{max(r[key]):.0f}]"
@@ -472,10 +514,14 @@ def main() -> None:
     t = Table()
     t.add("raw pipeline (encrypt+zfec+hash)", f"{raw:.1f} MB/s{spread('raw')}", "the ceiling", None)
     t.add("  the same, devnet not started", f"{r['idle_raw']:.1f} MB/s", "(reference)", None)
+    t.add("raw pipeline, client's _gf encode", f"{own_raw:.1f} MB/s{spread('own_raw')}",
+          "(reference: no goal)", None)
     t.add("put", f"{put:.1f} MB/s{spread('put')} ({put_ratio:.0%} of raw)",
           ">= 60% of raw", put_ratio >= 0.6)
     t.add("get", f"{get:.1f} MB/s{spread('get')} ({get_ratio:.0%} of raw)",
           ">= 60% of raw", get_ratio >= 0.6)
+    t.add("put, get against the _gf pipeline", f"{own_put:.0%}, {own_get:.0%}",
+          "(reference: no goal)", None)
     t.add(f"degraded get ({LOST} nodes down)",
           f"{deg:.1f} MB/s{spread('degraded')} ({deg / get:.0%} of get)",
           ">= 80% of get", deg >= 0.8 * get)

@@ -412,6 +412,12 @@ class SegmentCipher:
 # -- erasure coding --------------------------------------------------------------------------
 
 
+def _unit_blocks(k: int) -> tuple[bytes, ...]:
+    """``k`` blocks of ``k`` bytes, block ``j`` the unit vector e_j: coded or decoded by zfec,
+    they give the rows of its matrices (see :class:`ErasureCoder`)."""
+    return tuple(bytes(j) + b"\x01" + bytes(k - j - 1) for j in range(k))
+
+
 class ErasureCoder:
     """zfec ``k``-of-``n`` over byte strings of a known length (the one wrapper of zfec).
 
@@ -426,6 +432,11 @@ class ErasureCoder:
         self.n = n
         self._encoder = zfec.Encoder(k, n)
         self._decoder = zfec.Decoder(k, n)
+        # Rows k..n-1 of zfec's encoding matrix, asked of zfec once. Encoding is linear: with
+        # primary block j the k-byte unit vector e_j, byte p of parity block r is the
+        # coefficient of primary p in r.
+        parity = self._encoder.encode(_unit_blocks(k), tuple(range(k, n)))
+        self._parity_rows = tuple(bytes(b) for b in parity)
         self._rows: dict[tuple[int, ...], bytes] = {}  # _decode_rows' cache, oldest first
         self._rows_lock = threading.Lock()
 
@@ -438,15 +449,33 @@ class ErasureCoder:
 
     def encode(self, data: Block) -> list[Block]:
         """All ``n`` blocks of ``data`` (each ``ceil(len/k)`` bytes). The primary blocks are
-        views into ``data`` (or into its padded copy), not copies."""
-        return list(self._encoder.encode(self._primary(data)))
+        views into ``data`` (or into its padded copy), not copies; the parity blocks are views
+        into one new buffer.
+
+        The parity is zfec's, byte for byte, computed by :mod:`threebot.storage._gf` from
+        zfec's own encoding matrix: 16-of-20 on 1 MiB segments, 7.7 GB/s (GFNI) or 4.0 (AVX2)
+        against zfec's 0.28 on one core of this machine. zfec stays the reference the tests
+        hold it to, and what the matrices are asked of."""
+        return self._encode(self._primary(data), range(self.n))
 
     def encode_some(self, data: Block, wanted: Sequence[int]) -> list[Block]:
         """Blocks ``wanted`` only (used by repair to regenerate lost blocks)."""
         for i in wanted:
             if not 0 <= i < self.n:
                 raise BadParameters(f"block number {i} outside 0..{self.n - 1}")
-        return list(self._encoder.encode(self._primary(data), tuple(wanted)))
+        return self._encode(self._primary(data), wanted)
+
+    def _encode(self, primary: tuple[Block, ...], wanted: Sequence[int]) -> list[Block]:
+        k = self.k
+        parity = [i for i in wanted if i >= k]
+        made: dict[int, Block] = {}
+        if parity:
+            size = len(primary[0])
+            view = memoryview(bytearray(len(parity) * size))
+            outs = [view[j * size:(j + 1) * size] for j in range(len(parity))]
+            _gf.combine(b"".join(self._parity_rows[i - k] for i in parity), primary, outs)
+            made = dict(zip(parity, outs, strict=True))
+        return [primary[i] if i < k else made[i] for i in wanted]
 
     def decode(self, blocks: Mapping[int, Block], length: int) -> Block:
         """The ``length`` bytes that the blocks came from; any ``k`` distinct blocks will do.
@@ -491,8 +520,7 @@ class ErasureCoder:
         with self._rows_lock:
             rows = self._rows.get(chosen)
             if rows is None:
-                units = tuple(bytes(j) + b"\x01" + bytes(self.k - j - 1) for j in range(self.k))
-                rebuilt = self._decoder.decode(units, chosen)
+                rebuilt = self._decoder.decode(_unit_blocks(self.k), chosen)
                 rows = b"".join(bytes(rebuilt[i]) for i in missing)
                 if len(self._rows) >= _DECODE_ROWS_CACHED:
                     del self._rows[next(iter(self._rows))]
