@@ -17,8 +17,8 @@ peak RSS is its own, read from ``getrusage`` in the child):
 Measured against, in the same run on the same data: the raw pipeline (read + encrypt + zfec
 encode + leaf hashes + hash pages, the client's codec functions, no I/O to nodes) in this
 process, with one thread and with as many worker threads as the client uses (the faster
-counts). It is measured once before the devnet starts (printed for reference) and then right
-before each put, with the devnet up and idle, as the put and get run. MB is 10^6 bytes.
+counts). It is measured once before the devnet starts (printed for reference) and then
+before and after each put and get, with the devnet up and idle. MB is 10^6 bytes.
 
 The client computes zfec's parity with its own GF(2^8) kernel (the same bytes, about 25x
 faster than zfec's encoder here), so the raw pipeline is measured twice: with zfec's encoder,
@@ -33,11 +33,13 @@ in about 9 s after losing 4 nodes, about 100 MiB RSS per storage node.
     sudo .venv/bin/python bench/storage_throughput.py [--nodes 20] [--size 256] [--repair-size 64]
         [--runs 3] [--keep]
 
-With ``--runs N`` (default 3) the raw pipeline, put, get and degraded get are each measured N
-times and the table gives the medians with their ranges: on this shared 2-core VM one run of
-the same operation varies by up to 40 %, and the machine's speed drifts over minutes. So each
-run measures the raw pipeline, a put and a get back to back, and the put and get goals are
-judged on the median of each run's ratio to its own raw pipeline.
+With ``--runs N`` (default 3) the put, get and degraded get are each measured N times and
+the table gives the medians with their ranges: on this shared 2-core VM one run of the same
+operation varies by up to 40 %, and the machine's speed drifts by 2x over minutes (zfec alone:
+119-339 MB/s per core within one hour) and jumps for seconds at a time. So each run measures
+the raw pipeline, a put, the raw pipeline, a get and the raw pipeline again, back to back; the
+put and get are each compared with the mean of the two raw pipelines around them, and the
+goals are judged on the medians of those ratios.
 """
 
 from __future__ import annotations
@@ -78,6 +80,30 @@ TAHOE_NODE_MIB = 100.0
 # -- child: one client operation -----------------------------------------------------------------
 
 
+def thread_cpu_s() -> dict[int, tuple[str, float]]:
+    """This process's threads: id -> (name as the kernel knows it, CPU seconds so far)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def threads_used(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per thread kind since ``before``: the main thread ("main") and the worker
+    threads by the name trio gives them (threads that ended meanwhile are not counted)."""
+    used: dict[str, float] = {}
+    main = os.getpid()
+    for tid, (name, cpu) in thread_cpu_s().items():
+        kind = "main" if tid == main else name.split(" from ")[0]
+        used[kind] = round(used.get(kind, 0.0) + cpu - before.get(tid, (name, 0.0))[1], 3)
+    return used
+
+
 def child(op: str, home_dir: str, args: list[str]) -> None:
     """Run one storage operation as the devnet identity; print one JSON line with the time
     it took (the operation only, not the interpreter start) and this process's peak RSS."""
@@ -97,6 +123,7 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
 
     async def run() -> None:
         async with open_storage(home, settings) as storage:
+            threads0 = thread_cpu_s()
             cpu0 = time.process_time()
             out["t0_monotonic"] = time.monotonic()  # for `perf report --time` (perf -k mono)
             t0 = time.perf_counter()
@@ -136,6 +163,7 @@ def child(op: str, home_dir: str, args: list[str]) -> None:
             out["seconds"] = time.perf_counter() - t0
             out["t1_monotonic"] = time.monotonic()
             out["op_cpu_s"] = time.process_time() - cpu0
+            out["threads_cpu_s"] = threads_used(threads0)
 
     trio.run(run)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -433,18 +461,27 @@ def main() -> None:
             print(f"{label}: {describe(done)}", flush=True)
             return done
 
-        # Each run measures the raw pipeline, a put (of another copy: another object) and a
-        # get back to back, on the same machine state (the devnet up and idle): the VM's
-        # speed drifts by up to 40 % over minutes, so each run's put and get are compared
-        # with its own raw pipeline.
+        # Each run measures the raw pipeline, a put (of another copy: another object), the
+        # raw pipeline again, a get of it and the raw pipeline a third time, back to back on
+        # the same machine state (the devnet up and idle). The VM's speed drifts by up to 2x
+        # within minutes and jumps for seconds at a time, so each operation is compared with
+        # the mean of the raw pipelines measured right before and right after it.
         raws: list[float] = []
+        refs: dict[str, list[float]] = {"put": [], "get": [], "own_put": [], "own_get": []}
         puts: list[dict[str, Any]] = []
         healthy: list[dict[str, Any]] = []
         for _ in range(runs):
-            raws.append(raw_once(""))
+            before = raw_once("")
             puts.append(run_child("put", home, str(big)))
             print(f"put: {describe(puts[-1])}", flush=True)
+            between = raw_once("")
             healthy.append(get_once(puts[-1]["cap"], "get"))
+            after = raw_once("")
+            raws += [before, between, after]
+            refs["put"].append((before + between) / 2)
+            refs["get"].append((between + after) / 2)
+            refs["own_put"].append((own_raws[-3] + own_raws[-2]) / 2)
+            refs["own_get"].append((own_raws[-2] + own_raws[-1]) / 2)
         cap = puts[0]["cap"]
         down = [names[n] for n in run_child("check", home, cap)["nodes"][:LOST]]
         with stopped(home, down):
@@ -477,7 +514,7 @@ def main() -> None:
         stores = shard_stores(tfgrid(home, "devnet", "status"))
         peaks = [peak_rss_mib(p) for p in stores]
         now = [p.memory_info().rss / MIB for p in stores]
-        results = {"raw": raws, "idle_raw": idle_raw, "own_raw": own_raws,
+        results = {"raw": raws, "idle_raw": idle_raw, "own_raw": own_raws, "refs": refs,
                    "raw_cpu": statistics.median(raw_cpus[1:] or raw_cpus),
                    "put_cpu": statistics.median(x["op_cpu_s"] for x in puts),
                    "put_store_cpu": statistics.median(x["stores_cpu_s"] for x in puts),
@@ -498,19 +535,26 @@ def main() -> None:
 
     r = results
     raw, put, get, deg = (statistics.median(r[k]) for k in ("raw", "put", "get", "degraded"))
-    # Each run's put and get against its own raw pipeline; the goals are judged on the
-    # medians of these ratios.
-    put_ratio = statistics.median(p / q for p, q in zip(r["put"], r["raw"], strict=True))
-    get_ratio = statistics.median(g / q for g, q in zip(r["get"], r["raw"], strict=True))
+    # Each put and get against the raw pipelines measured around it; the goals are judged on
+    # the medians of these ratios.
+    refs = r["refs"]
+
+    def ratio(op: str, ref: str) -> float:
+        return statistics.median(x / q for x, q in zip(r[op], refs[ref], strict=True))
+
+    put_ratio, get_ratio = ratio("put", "put"), ratio("get", "get")
     own_raw = statistics.median(r["own_raw"])
-    own_put = statistics.median(p / q for p, q in zip(r["put"], r["own_raw"], strict=True))
-    own_get = statistics.median(g / q for g, q in zip(r["get"], r["own_raw"], strict=True))
+    own_put, own_get = ratio("put", "own_put"), ratio("get", "own_get")
+    for i in range(runs):
+        print(f"run {i + 1}: put {r['put'][i]:.0f} MB/s against raw {refs['put'][i]:.0f} "
+              f"({r['put'][i] / refs['put'][i]:.0%}), get {r['get'][i]:.0f} against "
+              f"{refs['get'][i]:.0f} ({r['get'][i] / refs['get'][i]:.0%})")
 
     def spread(key: str) -> str:
         return "" if len(r[key]) < 2 else f" [{min(r[key]):.0f}-{max(r[key]):.0f}]"
 
     print()
-    print(f"(medians of {runs} runs, [range] in MB/s; put and get: the median of each run's ratio to that run's raw pipeline)" if runs > 1 else "")
+    print(f"(medians of {runs} runs, [range] in MB/s; put and get: the median of the ratios of each to the mean of the raw pipelines measured right before and after it)" if runs > 1 else "")
     t = Table()
     t.add("raw pipeline (encrypt+zfec+hash)", f"{raw:.1f} MB/s{spread('raw')}", "the ceiling", None)
     t.add("  the same, devnet not started", f"{r['idle_raw']:.1f} MB/s", "(reference)", None)
