@@ -463,15 +463,15 @@ async def test_disk_full_during_get_leaves_nothing(env: tuple[MemoryGrid, Storag
     res = await client.put(tmp / "a")
     calls = {"n": 0}
 
-    real_write = OutputFile.write
+    real_write = OutputFile.write_at
 
-    def full(self: OutputFile, data: bytes | memoryview) -> None:
+    def full(self: OutputFile, offset: int, data: bytes | memoryview) -> None:
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, data)
+        real_write(self, offset, data)
 
-    monkeypatch.setattr(OutputFile, "write", full)
+    monkeypatch.setattr(OutputFile, "write_at", full)
     with pytest.raises(StorageError, match="No space left on device"):
         await client.get(res.cap, tmp / "out")
     assert not (tmp / "out").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,13 +14,24 @@ import pytest
 from threebot.storage.outfile import ALIGN, OutputFile
 
 
-def write_pieces(directory: Path, pieces: list[bytes], max_piece: int) -> tuple[bytes, bool]:
+def offsets(pieces: list[bytes]) -> list[int]:
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    return starts[:-1]
+
+
+def write_pieces(directory: Path, pieces: list[bytes], max_piece: int,
+                 order: list[int] | None = None) -> tuple[bytes, bool]:
+    """Write ``pieces`` (in ``order``, default first to last) into a new file; its bytes and
+    whether it was still written with O_DIRECT at the end."""
     fd, tmp = tempfile.mkstemp(dir=directory)
-    out = OutputFile(fd, tmp, max_piece)
+    out = OutputFile(fd, tmp, max_piece, sum(map(len, pieces)))
+    at = offsets(pieces)
     try:
+        for i in range(len(pieces)) if order is None else order:
+            out.write_at(at[i], pieces[i])
         direct = out.direct
-        for piece in pieces:
-            out.write(piece)
         out.finish()
         assert out.size == sum(map(len, pieces))
     finally:
@@ -52,6 +65,49 @@ def test_direct_where_the_filesystem_allows_it(tmp_path: Path) -> None:
     assert data == b"a" * (1 << 20) + b"b" * 10
 
 
+@pytest.mark.parametrize("sizes", [
+    [1 << 20] * 6 + [12_345],  # whole segments and a short last one, padded when direct
+    [ALIGN * 2 + 100] * 5,  # aligned starts, unaligned lengths: padding would clobber the next
+    [1000] * 9 + [17],  # nothing aligned: the page cache
+])
+def test_pieces_written_in_any_order_and_from_threads(tmp_path: Path, sizes: list[int]) -> None:
+    """A get's decoding threads write segments where they belong, as each is decoded: any
+    order, several at once. No piece may clobber another (a direct write pads only the
+    file's last piece)."""
+    pieces = [os.urandom(n) for n in sizes]
+    backwards = list(range(len(pieces)))[::-1]
+    data, _ = write_pieces(tmp_path, pieces, max(sizes), order=backwards)
+    assert data == b"".join(pieces)
+
+    fd, tmp = tempfile.mkstemp(dir=tmp_path)
+    out = OutputFile(fd, tmp, max(sizes), sum(sizes))
+    at = offsets(pieces)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            # shuffled, then run three at a time
+            order = random.Random(7).sample(range(len(pieces)), len(pieces))
+            list(pool.map(lambda i: out.write_at(at[i], pieces[i]), order))
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
+    assert Path(tmp).read_bytes() == b"".join(pieces)
+
+
+def test_a_piece_outside_the_file_is_refused(tmp_path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=tmp_path)
+    out = OutputFile(fd, tmp, 1 << 20, 10_000)
+    try:
+        for offset, n in [(9_000, 1_001), (-1, 5), (0, (1 << 20) + 1)]:
+            with pytest.raises(OSError, match="does not fit") as info:
+                out.write_at(offset, bytes(n))
+            assert info.value.errno == errno.EINVAL
+        out.write_at(9_000, bytes(1_000))  # the last byte is in
+    finally:
+        out.close()
+        os.close(fd)
+
+
 def test_tmpfs_round_trips() -> None:
     # tmpfs takes O_DIRECT on recent kernels and refuses it on older ones: either way the
     # bytes must come out right.
@@ -66,8 +122,9 @@ def test_tmpfs_round_trips() -> None:
 
 def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pieces = [os.urandom(1 << 20), os.urandom(1 << 20), os.urandom(99)]
     fd, tmp = tempfile.mkstemp(dir=tmp_path)
-    out = OutputFile(fd, tmp, 1 << 20)
+    out = OutputFile(fd, tmp, 1 << 20, sum(map(len, pieces)))
     assert out.direct
     real_pwrite = os.pwrite
 
@@ -77,10 +134,9 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path,
         return real_pwrite(target, data, offset)
 
     monkeypatch.setattr(os, "pwrite", picky)
-    pieces = [os.urandom(1 << 20), os.urandom(1 << 20), os.urandom(99)]
     try:
-        for piece in pieces:
-            out.write(piece)
+        for offset, piece in zip(offsets(pieces), pieces, strict=True):
+            out.write_at(offset, piece)
         assert not out.direct
         out.finish()
     finally:
@@ -91,7 +147,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path,
 
 def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fd, tmp = tempfile.mkstemp(dir=tmp_path)
-    out = OutputFile(fd, tmp, 1 << 20)
+    out = OutputFile(fd, tmp, 1 << 20, 1 << 20)
 
     def full(target: int, data: bytes | memoryview, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -99,7 +155,7 @@ def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "pwrite", full)
     try:
         with pytest.raises(OSError, match="No space") as info:
-            out.write(b"x" * (1 << 20))
+            out.write_at(0, b"x" * (1 << 20))
         assert info.value.errno == errno.ENOSPC
     finally:
         out.close()
@@ -108,7 +164,7 @@ def test_other_write_errors_are_raised(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_small_pieces_never_go_direct(tmp_path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=tmp_path)
-    out = OutputFile(fd, tmp, 100)
+    out = OutputFile(fd, tmp, 100, 1000)
     try:
         assert not out.direct
     finally:

@@ -939,19 +939,22 @@ class StorageClient:
         done = False
         output: OutputFile | None = None
         try:
-            output = sink = OutputFile(fd, tmp, p.segment_size)
+            output = sink = OutputFile(fd, tmp, p.segment_size, m.size)
 
-            def decode(item: tuple[int, dict[int, c.Block]]) -> bytes:
+            def decode_and_write(item: tuple[int, dict[int, c.Block]]) -> None:
+                # Written where it belongs by the thread that decoded it: no hop to a writer,
+                # and as many writes in flight as decoding threads (see OutputFile).
                 s, blocks = item
-                return c.decode_segment(cipher, coder, p, m.size, s, blocks)
-
-            async def write(plain: bytes) -> None:
+                plain = c.decode_segment(cipher, coder, p, m.size, s, blocks)
                 try:
-                    await trio.to_thread.run_sync(sink.write, plain)
+                    sink.write_at(p.segment_span(m.size, s)[0], plain)
                 except OSError as exc:
                     raise StorageError(f"cannot write {out}: {exc.strerror or exc}") from None
 
-            await fetch.each(decode, self.settings.workers, write)
+            async def written(_: None) -> None:
+                pass
+
+            await fetch.each(decode_and_write, self.settings.workers, written)
             await trio.to_thread.run_sync(sink.finish)
             os.close(fd)
             fd = -1
