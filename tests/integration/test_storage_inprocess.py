@@ -12,7 +12,7 @@ import hashlib
 import os
 import random
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -463,15 +463,15 @@ async def test_disk_full_during_get_leaves_nothing(env: tuple[MemoryGrid, Storag
     res = await client.put(tmp / "a")
     calls = {"n": 0}
 
-    real_write = OutputFile.write_at
+    real_write = OutputFile.fill_at
 
-    def full(self: OutputFile, offset: int, data: bytes | memoryview) -> None:
+    def full(self: OutputFile, offset: int, n: int, fill: Callable[[memoryview], None]) -> None:
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, offset, data)
+        real_write(self, offset, n, fill)
 
-    monkeypatch.setattr(OutputFile, "write_at", full)
+    monkeypatch.setattr(OutputFile, "fill_at", full)
     with pytest.raises(StorageError, match="No space left on device"):
         await client.get(res.cap, tmp / "out")
     assert not (tmp / "out").exists()

@@ -170,3 +170,38 @@ def test_small_pieces_never_go_direct(tmp_path: Path) -> None:
     finally:
         out.close()
         os.close(fd)
+
+
+def test_a_failing_fill_writes_nothing(tmp_path: Path) -> None:
+    """A get decrypts into the buffer it writes from: a segment that does not authenticate
+    raises in ``fill`` and must leave the file as it was."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_path)
+    out = OutputFile(fd, tmp, 1 << 20, 2 << 20)
+    try:
+        def bad(dest: memoryview) -> None:
+            dest[:10] = b"garbage!!!"
+            raise ValueError("does not authenticate")
+
+        with pytest.raises(ValueError, match="authenticate"):
+            out.fill_at(0, 1 << 20, bad)
+        out.write_at(1 << 20, b"b" * (1 << 20))
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
+    assert Path(tmp).read_bytes() == bytes(1 << 20) + b"b" * (1 << 20)
+
+
+def test_an_empty_piece_still_calls_fill(tmp_path: Path) -> None:
+    """The empty object is one segment of zero bytes whose tag must still be checked."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_path)
+    out = OutputFile(fd, tmp, 1 << 20, 0)
+    seen: list[int] = []
+    try:
+        out.fill_at(0, 0, lambda dest: seen.append(len(dest)))
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
+    assert seen == [0]
+    assert Path(tmp).read_bytes() == b""

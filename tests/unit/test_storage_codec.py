@@ -4,6 +4,7 @@ manifests. No sockets, no files."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,6 +269,27 @@ def test_segments_cannot_be_reordered_or_truncated() -> None:
         c.SegmentCipher(key, 2).decrypt(1, b)
     with pytest.raises(CorruptRecord):
         cipher.decrypt(3, a)
+
+
+def test_decrypt_into_is_decrypt_without_the_allocation() -> None:
+    """A get decrypts each segment into the buffer it writes to disk from: the same plaintext,
+    the same refusals (the empty segment's tag included)."""
+    key = key_from(6)
+    cipher = c.SegmentCipher(key, 3)
+    for index, plain in [(0, os.urandom(5000)), (1, b""), (2, b"x")]:
+        sealed = cipher.encrypt(index, plain)
+        out = bytearray(len(plain))
+        cipher.decrypt_into(index, sealed, memoryview(out))
+        assert bytes(out) == plain == cipher.decrypt(index, sealed)
+        tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+        with pytest.raises(AuthenticationFailed, match=f"segment {index} does not authenticate"):
+            cipher.decrypt_into(index, tampered, memoryview(bytearray(len(plain))))
+    sealed = cipher.encrypt(0, b"abc")
+    for wrong in (2, 4):
+        with pytest.raises(CorruptRecord, match="ciphertext for"):
+            cipher.decrypt_into(0, sealed, memoryview(bytearray(wrong)))
+    with pytest.raises(CorruptRecord):
+        cipher.decrypt_into(0, b"short", memoryview(bytearray(0)))
 
 
 def test_no_plaintext_run_in_any_record() -> None:

@@ -24,6 +24,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Final
 
 ALIGN: Final = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the device block
@@ -76,53 +77,58 @@ class OutputFile:
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` (within the file's ``size``)."""
-        n = len(data)
+        with memoryview(data) as view, view.cast("B") as src:
+            def copy(dest: memoryview) -> None:
+                dest[:] = src
+
+            self.fill_at(offset, len(src), copy)
+
+    def fill_at(self, offset: int, n: int, fill: Callable[[memoryview], None]) -> None:
+        """Write the ``n`` bytes that belong at ``offset`` (within the file's ``size``), which
+        ``fill`` puts into the ``n``-byte view it is given: a page-aligned buffer of this
+        call's own, written from as it is (a get decrypts a segment straight into it). If
+        ``fill`` raises, nothing is written."""
         if n == 0:
+            fill(memoryview(bytearray()))  # still called: a get authenticates the empty segment
             return
         if offset < 0 or offset + n > self._size or n > self._max_piece:
             raise OSError(errno.EINVAL, f"a piece of {n} bytes at {offset} does not fit the output")
-        # Direct only when aligned, and padded only at the end of the file: padding inside it
-        # would overwrite the start of the next piece, which may already be written.
-        if (self._use_direct and offset % ALIGN == 0
-                and (n % ALIGN == 0 or offset + n == self._size) and self._direct_write(offset, data)):
-            return
-        _pwrite_all(self._fd, data, offset)
-
-    def _direct_write(self, offset: int, data: bytes | memoryview) -> bool:
-        """Write through the O_DIRECT descriptor from a page-aligned buffer of this call's own;
-        False if that is not (or no longer) possible: the caller writes through the page cache."""
-        n = len(data)
         with self._lock:
-            if not self._use_direct or self._closed:
-                return False
+            if self._closed:
+                raise OSError(errno.EBADF, "the output file is closed")
             buf = self._free.pop() if self._free else mmap.mmap(-1, _round_up(self._max_piece))
-            direct = self._direct
-        refused = False
         try:
-            padded = _round_up(n)
-            buf[:n] = data
-            if padded > n:
-                buf[n:padded] = bytes(padded - n)
-            try:
-                with memoryview(buf) as whole:
-                    _pwrite_all(direct, whole[:padded], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                refused = True
+            with memoryview(buf) as whole:
+                fill(whole[:n])
+                self._write(offset, n, whole)
         finally:
             with self._lock:
                 if self._closed:
                     buf.close()
                 else:
                     self._free.append(buf)
-        if refused:
-            # The filesystem opened the file O_DIRECT but refuses this write's alignment:
-            # stay with the page cache from here on (the descriptor stays open until close(),
-            # as other threads may be writing through it).
+
+    def _write(self, offset: int, n: int, whole: memoryview) -> None:
+        """Write the first ``n`` bytes of the buffer ``whole`` at ``offset``: through the
+        O_DIRECT descriptor when aligned, else (or once the filesystem refused it) through the
+        page cache."""
+        # Direct only when aligned, and padded only at the end of the file: padding inside it
+        # would overwrite the start of the next piece, which may already be written.
+        if self._use_direct and offset % ALIGN == 0 and (n % ALIGN == 0 or offset + n == self._size):
+            padded = _round_up(n)
+            if padded > n:
+                whole[n:padded] = bytes(padded - n)
+            try:
+                _pwrite_all(self._direct, whole[:padded], offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            # The filesystem opened the file O_DIRECT but refuses this write's alignment: stay
+            # with the page cache from here on (the descriptor stays open until close(), as
+            # other threads may be writing through it).
             self._use_direct = False
-            return False
-        return True
+        _pwrite_all(self._fd, whole[:n], offset)
 
     def finish(self) -> None:
         """Cut off the padding of the last direct write and flush everything to disk."""
