@@ -29,8 +29,9 @@ cryptography 50, PyNaCl 1.6, one core, 1 MiB messages)::
 XChaCha20 would cost more than the erasure code itself; AES-256-GCM is ~15x faster and all but
 free next to zfec and the block hashes, so it is the cipher (the issue wins over the design's
 XChaCha20 here). The code is zfec's, but its arithmetic runs in our _gf kernel with zfec's own
-matrices (see :class:`ErasureCoder`), so coding now costs about as little as AES. Its 96-bit nonce is safe with a counter because every object has a fresh
-random key and a segment is encrypted once; manifests are re-encrypted on repair, so they use
+matrices (see :class:`ErasureCoder`), so coding now costs about as little as AES. AES-GCM's
+96-bit nonce is safe with a counter because every object has a fresh random key and a
+segment is encrypted once; manifests are re-encrypted on repair, so they use
 random nonces instead. Segment size 1 MiB: zfec is fastest at 256 KiB-1 MiB (beyond, its
 tables fall out of cache); 1 MiB segments give 64 KiB blocks, so one 1 MiB shard-store frame
 moves 16 blocks and a 1 GiB object has 1024 leaves per shard (one 32 KiB hash page).
