@@ -9,8 +9,9 @@ write is aligned, and through the ordinary descriptor otherwise (a filesystem wi
 ``O_DIRECT``, such as tmpfs; unaligned segment sizes). The short last piece of an object is
 padded to the alignment and the padding cut off by :meth:`finish`.
 
-Pieces are written where they belong (:meth:`fill_at`, or :meth:`write_at` for bytes at hand), from several worker threads at once:
-a get's decoding threads write each segment as soon as it is decrypted. An ``O_DIRECT`` write
+Pieces are written where they belong (:meth:`fill_at`, or :meth:`write_at` for bytes at
+hand), from several worker threads at once: a get's decoding threads write each segment as
+soon as it is decrypted. An ``O_DIRECT`` write
 waits for the disk (about 1 ms per MiB here, 2 while the stores read), so one writer in
 segment order, a thread hop away from the decoders, was a serial chain of ~3.5 ms a segment
 that the whole get waited on; two writers keep two writes in flight (1 MiB writes: 1.06 GB/s
